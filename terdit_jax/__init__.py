@@ -1,0 +1,1 @@
+"""TerDiT in JAX/Flax: ternary-weight diffusion transformers."""

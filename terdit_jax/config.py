@@ -1,0 +1,129 @@
+"""The one config object: defaults, model presets, checks and derived fields.
+
+Config files in configs/ start from `base_config()` and change what they need; `finalize` checks the
+result and fills the derived fields (`model.cond_dim`, `model.out_channels`, `model.input_size`).
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from terdit_jax.models.dit import PRESETS
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which field and what to do."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = m = ml_collections.ConfigDict()
+    m.name = "DiT_Llama_600M_patch2"  # a PRESETS key, or "custom" to use dim/n_layers/n_heads as given
+    m.dim, m.n_layers, m.n_heads = 1536, 16, 32
+    m.patch_size = 2
+    m.in_channels = 4
+    m.num_classes = 1000
+    m.multiple_of = 256
+    m.ffn_dim_multiplier = config_dict.placeholder(float)
+    m.norm_eps = 1e-5
+    m.qk_norm = False
+    m.class_dropout_prob = 0.1
+    m.learn_sigma = True
+    m.rope_theta = 10000.0
+    m.linear = "ternary"  # "fp" gives the full-precision twin (Large-DiT)
+    m.quantized_layers = "attention,feed_forward,adaLN_modulation"  # role prefixes built with `linear`
+    m.alpha_init = "xavier_absmean"  # or "randn" (official)
+    m.adaln_norm = True  # TerDiT's RMSNorm after the adaLN linear; False = the paper's ablation baseline
+    m.dtype = "bfloat16"  # compute dtype; parameters and the quantizer stay float32
+
+    c.data = d = ml_collections.ConfigDict()
+    d.kind = "imagenet_latents"  # "digits" | "imagenet_latents" | "imagenet"
+    d.path = ""
+    d.image_size = 256
+    d.latent = True  # model input is the SD-VAE latent (image_size / 8); False = pixel space
+    d.latent_scale = 0.18215
+    d.vae_path = ""
+    d.workers = 8
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.num_timesteps = 1000
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1_180_000
+    t.batch_size = 256  # global
+    t.lr = 5e-4  # TerDiT (footnote 4)
+    t.lr_reduce_step = -1  # step after which lr_reduced is used (paper App. A.3); -1 = never
+    t.lr_reduced = 1e-4
+    t.warmup_steps = 0
+    t.weight_decay = 0.0
+    t.grad_clip = 2.0  # Large-DiT --grad_clip
+    t.ema_decay = 0.9999
+    t.log_every = 100
+    t.sample_every = 10_000
+    t.ckpt_every = 10_000
+    t.keep_ckpts = 3
+
+    c.sample = s = ml_collections.ConfigDict()
+    s.classes = "89,475,978,971,508,32,963,235"  # comma-separated labels; "all" = every class
+    s.per_class = 1
+    s.num_steps = 250
+    s.sampler = "ddpm"  # "ddpm" | "ddim"
+    s.cfg_scale = 4.0
+    s.cfg_channels = config_dict.placeholder(int)  # 3 = official DiT quirk; None = all ε channels
+    s.batch_size = 64
+    s.seed = 0
+    s.step = -1  # checkpoint step to sample from; -1 = newest
+    return c
+
+
+def _fail(field: str, msg: str):
+    raise ConfigError(f"config.{field}: {msg}")
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check `config` and return a copy with derived fields filled. Raises ConfigError."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    m, d, t, s = c.model, c.data, c.train, c.sample
+    if m.name != "custom":
+        if m.name not in PRESETS:
+            _fail("model.name", f"unknown model {m.name!r}; known: {sorted(PRESETS)} or 'custom'")
+        m.dim, m.n_layers, m.n_heads = PRESETS[m.name]
+    if m.dim % m.n_heads or (m.dim // m.n_heads) % 2:
+        _fail("model.dim", f"{m.dim} must split into {m.n_heads} heads of even size")
+    if m.linear not in ("fp", "ternary", "packed"):
+        _fail("model.linear", f"{m.linear!r} is not one of 'fp', 'ternary', 'packed'")
+    if m.alpha_init not in ("randn", "xavier_absmean", "one"):
+        _fail("model.alpha_init", f"{m.alpha_init!r} is not one of 'randn', 'xavier_absmean', 'one'")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        _fail("model.dtype", f"{m.dtype!r} is not one of float32, bfloat16, float16")
+    input_size = d.image_size // 8 if d.latent else d.image_size
+    if (d.latent and d.image_size % 8) or input_size % m.patch_size:
+        _fail("data.image_size", f"{d.image_size} px does not split into {m.patch_size}-patches"
+              + (" of the /8 VAE latent" if d.latent else ""))
+    if t.batch_size <= 0 or t.steps < 0:
+        _fail("train", "batch_size must be positive and steps non-negative")
+    if s.sampler not in ("ddpm", "ddim"):
+        _fail("sample.sampler", f"{s.sampler!r} is not 'ddpm' or 'ddim'")
+    with c.unlocked():
+        m.cond_dim = min(m.dim, 1024)
+        m.out_channels = m.in_channels * (2 if m.learn_sigma else 1)
+        m.input_size = input_size
+    return c
+
+
+def sample_labels(config) -> list[int]:
+    """The labels `--mode sample` draws: `sample.classes` repeated `per_class` times, class-major."""
+    s, n = config.sample, config.model.num_classes
+    if str(s.classes).strip() == "all":
+        classes = list(range(n))
+    else:
+        try:
+            classes = [int(v) for v in str(s.classes).split(",") if v.strip()]
+        except ValueError:
+            _fail("sample.classes", f"{s.classes!r} must be 'all' or comma-separated integers")
+    bad = [k for k in classes if not 0 <= k < n]
+    if bad or not classes:
+        _fail("sample.classes", f"labels must lie in [0, {n}); got {s.classes!r}")
+    return [k for k in classes for _ in range(s.per_class)]

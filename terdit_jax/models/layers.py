@@ -1,0 +1,146 @@
+"""Building blocks of Large-DiT / TerDiT (LLaMA-style DiT), as in the official `models.py`.
+
+Shapes: B batch, T tokens, D model width, C conditioning width (= min(D, 1024)), H heads.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from terdit_jax.models.ternary import make_linear, normal_init, xavier_uniform
+
+
+class RMSNorm(nnx.Module):
+    """x / sqrt(mean(x²) + eps) · w, computed in float32 (LLaMA; apex FusedRMSNorm in the official code)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, axis_name: str | None = None):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,)), logical_axes=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...]).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis in float32; affine (qk-norm, eps 1e-5) or not (final layer, eps 1e-6)."""
+
+    def __init__(self, dim: int, *, eps: float, affine: bool, axis_name: str | None = None):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,)), logical_axes=(axis_name,)) if affine else None
+        self.bias = nnx.Param(jnp.zeros((dim,)), logical_axes=(axis_name,)) if affine else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def rope_angles(num_tokens: int, head_dim: int, theta: float = 10000.0) -> jax.Array:
+    """pos·θ_i with θ_i = theta^(−2i/head_dim), positions 0..T−1 (1-D LLaMA RoPE). → (T, head_dim/2) f32."""
+    inv = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    return jnp.arange(num_tokens, dtype=jnp.float32)[:, None] * inv[None, :]
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by angles (LLaMA `apply_rotary_emb`, not rotate-half).
+
+    x (B, T, H, hd), angles (T, hd/2). Computed in float32, returned in x.dtype.
+    """
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    re, im = xf[..., 0], xf[..., 1]
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with ternary wq/wk/wv/wo, optional full-width qk-LayerNorm and RoPE."""
+
+    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+        d, self.n_heads = cfg.dim, cfg.n_heads
+        self.head_dim = d // cfg.n_heads
+        lin = dict(model_cfg=cfg, rngs=rngs, use_bias=False, kernel_init=xavier_uniform, dtype=dtype)
+        self.wq = make_linear("attention.wq", d, d, axes=("embed", "heads"), **lin)
+        self.wk = make_linear("attention.wk", d, d, axes=("embed", "heads"), **lin)
+        self.wv = make_linear("attention.wv", d, d, axes=("embed", "heads"), **lin)
+        self.wo = make_linear("attention.wo", d, d, axes=("heads", "embed"), **lin)
+        self.q_norm = LayerNorm(d, eps=1e-5, affine=True, axis_name="heads") if cfg.qk_norm else None
+        self.k_norm = LayerNorm(d, eps=1e-5, affine=True, axis_name="heads") if cfg.qk_norm else None
+
+    def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
+        """x (B, T, D), angles (T, hd/2) → (B, T, D)."""
+        b, t, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.q_norm is not None:  # over the whole projection, before the head split (official)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (a.reshape(b, t, self.n_heads, self.head_dim) for a in (q, k, v))
+        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(self.head_dim))
+        return self.wo(out.reshape(b, t, -1))
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """LLaMA rule: int(2·4D/3), times the multiplier if any, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: w2(SiLU(w1 x) ⊙ w3 x), all three ternary in TerDiT."""
+
+    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+        f = ffn_hidden_dim(cfg.dim, cfg.multiple_of, cfg.ffn_dim_multiplier)
+        lin = dict(model_cfg=cfg, rngs=rngs, use_bias=False, kernel_init=xavier_uniform, dtype=dtype)
+        self.w1 = make_linear("feed_forward.w1", cfg.dim, f, axes=("embed", "mlp"), **lin)
+        self.w3 = make_linear("feed_forward.w3", cfg.dim, f, axes=("embed", "mlp"), **lin)
+        self.w2 = make_linear("feed_forward.w2", f, cfg.dim, axes=("mlp", "embed"), **lin)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal features [cos(t·f), sin(t·f)] (cos first, as Large-DiT), f_i = max_period^(−i/half). → (B, dim) f32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nnx.Module):
+    """t → MLP(256 → C, SiLU, C → C), full precision, weights N(0, 0.02)."""
+
+    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+        c = cfg.cond_dim
+        lin = dict(model_cfg=cfg, rngs=rngs, use_bias=True, kernel_init=normal_init(0.02), dtype=dtype)
+        self.mlp_0 = make_linear("t_embedder.mlp.0", 256, c, axes=(None, "cond"), **lin)
+        self.mlp_2 = make_linear("t_embedder.mlp.2", c, c, axes=("cond", None), **lin)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_features(t))))
+
+
+class LabelEmbedder(nnx.Module):
+    """Class table of shape (num_classes + 1, C); row `num_classes` is the null class used by CFG."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.num_classes, self.dropout = cfg.num_classes, cfg.class_dropout_prob
+        self.embedding_table = nnx.Param(normal_init(0.02)(rngs.params(), (cfg.num_classes + 1, cfg.cond_dim)),
+                                         logical_axes=(None, "cond"))
+
+    def __call__(self, y: jax.Array, drop_key: jax.Array | None = None) -> jax.Array:
+        """y (B,) int labels; with `drop_key` each label becomes the null class with prob `dropout`."""
+        if drop_key is not None and self.dropout > 0:
+            y = jnp.where(jax.random.uniform(drop_key, y.shape) < self.dropout, self.num_classes, y)
+        return jnp.take(self.embedding_table[...], y, axis=0)

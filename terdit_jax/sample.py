@@ -1,0 +1,103 @@
+"""Generating images from a model: batched sampling, the labelled PNG grid and the ADM `.npz` layout."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw
+
+from terdit_jax.diffusion.gaussian import create_diffusion
+from terdit_jax.diffusion.samplers import sample
+from terdit_jax.model_fn import bind
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """[−1, 1] float → uint8 [0, 255] (as ADM/DiT save samples)."""
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def generate(apply, params, labels, config, key, *, decode=None, progress: bool = False) -> np.ndarray:
+    """Sample one image per label. labels: sequence of ints → uint8 (N, H, W, C) (NHWC, ADM layout).
+
+    `decode` maps model-space samples to [−1, 1] images (the VAE decoder for latent models; None = pixel space).
+    """
+    m, s = config.model, config.sample
+    diffusion = create_diffusion(str(s.num_steps), config.diffusion.num_timesteps)
+    labels = np.asarray(labels, np.int32)
+    out = []
+    for i, lo in enumerate(range(0, len(labels), s.batch_size)):
+        y = labels[lo:lo + s.batch_size]
+        shape = (len(y), m.input_size, m.input_size, m.in_channels)
+        x = sample(bind(apply, params), diffusion, shape, jax.random.fold_in(key, i), jnp.asarray(y),
+                   sampler=s.sampler, cfg_scale=float(s.cfg_scale), null_class=m.num_classes,
+                   guidance_channels=s.cfg_channels, progress=progress)
+        if decode is not None:
+            x = decode(x)
+        out.append(to_uint8(jax.device_get(x)))
+    return np.concatenate(out)
+
+
+def save_npz(path: str, images: np.ndarray, labels) -> None:
+    """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int labels. Written to a temp file, then renamed."""
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, images, np.asarray(labels, np.int64))
+    os.replace(tmp, path)
+
+
+def save_grid(path: str, images: np.ndarray, labels, *, scale: int | None = None) -> None:
+    """One row per distinct label (in order of first appearance), each row labelled on its left."""
+    labels = np.asarray(labels)
+    rows = list(dict.fromkeys(labels.tolist()))
+    per_row = max(int(np.sum(labels == k)) for k in rows)
+    n, h, w, c = images.shape
+    scale = scale or max(1, 64 // h)
+    cell_h, cell_w, margin = h * scale, w * scale, 12 + 8 * len(str(max(rows)))
+    grid = Image.new("RGB", (margin + per_row * (cell_w + 2), len(rows) * (cell_h + 2)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, k in enumerate(rows):
+        draw.text((4, r * (cell_h + 2) + cell_h // 2 - 5), str(k), fill="black")
+        for j, img in enumerate(images[labels == k]):
+            tile = Image.fromarray(img[..., 0] if c == 1 else img).convert("RGB")
+            grid.paste(tile.resize((cell_w, cell_h), Image.NEAREST), (margin + j * (cell_w + 2), r * (cell_h + 2)))
+    tmp = path + ".tmp.png"
+    grid.save(tmp)
+    os.replace(tmp, path)
+
+
+def load_ema(config, workdir: str, step: int = -1):
+    """EMA params of checkpoint `step` (-1 = newest) in workdir/checkpoints → (apply, params, step)."""
+    from terdit_jax.checkpoint import CheckpointError, Checkpoints
+    from terdit_jax.train import abstract_state
+
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    steps = ckpt.steps()
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first (--mode train) or pass the "
+                              "--workdir of a trained run")
+    step = steps[-1] if step < 0 else step
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}")
+    apply, abstract = abstract_state(config)
+    state = ckpt.restore(step, abstract, config.model)
+    ckpt.close()
+    return apply, state["ema"], step
+
+
+def run_sample_mode(config, workdir: str, *, log=print) -> dict:
+    """--mode sample: labels from config.sample → samples/sample_<step>.png and .npz (ADM layout)."""
+    from terdit_jax.config import sample_labels
+
+    apply, params, step = load_ema(config, workdir, config.sample.step)
+    labels = sample_labels(config)
+    log(f"sampling {len(labels)} images from step {step} ({config.sample.sampler}, {config.sample.num_steps} steps, "
+        f"cfg {config.sample.cfg_scale})")
+    if config.data.latent:
+        raise NotImplementedError("latent models need the VAE decoder (config.data.vae_path), not built yet")
+    images = generate(apply, params, labels, config, jax.random.key(config.sample.seed), progress=True)
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    base = os.path.join(workdir, "samples", f"sample_{step:07d}")
+    save_grid(base + ".png", images, labels)
+    save_npz(base + ".npz", images, labels)
+    return {"grid": base + ".png", "npz": base + ".npz"}
