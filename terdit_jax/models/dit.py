@@ -45,9 +45,10 @@ class TransformerBlock(nnx.Module):
         mod = self.adaLN_modulation(jax.nn.silu(c))
         return mod if self.adaLN_norm is None else self.adaLN_norm(mod)
 
-    def __call__(self, x: jax.Array, c: jax.Array, angles: jax.Array) -> jax.Array:
-        """x (B, T, D), c (B, C), angles (T, hd/2) → (B, T, D)."""
-        sh_a, sc_a, g_a, sh_f, sc_f, g_f = jnp.split(self.modulation(c), 6, axis=-1)
+    def __call__(self, x: jax.Array, c: jax.Array, angles: jax.Array, mod: jax.Array | None = None) -> jax.Array:
+        """x (B, T, D), c (B, C), angles (T, hd/2) → (B, T, D). `mod` (B, 6D) replaces `modulation(c)` when given."""
+        mod = self.modulation(c) if mod is None else mod
+        sh_a, sc_a, g_a, sh_f, sc_f, g_f = jnp.split(mod, 6, axis=-1)
         x = x + g_a[:, None] * self.attention(modulate(self.attention_norm(x), sh_a, sc_a), angles)
         return x + g_f[:, None] * self.feed_forward(modulate(self.ffn_norm(x), sh_f, sc_f))
 
@@ -107,14 +108,16 @@ class DiT(nnx.Module):
         """c = t_emb + y_emb, (B, C) in float32."""
         return self.t_embedder(t).astype(jnp.float32) + self.y_embedder(y, drop_key)
 
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *,
-                 drop_key: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, drop_key: jax.Array | None = None,
+                 modulations: jax.Array | None = None) -> jax.Array:
+        """`modulations` (L, B, 6D): precomputed adaLN outputs of every block (they depend only on t and y), so a
+        deployment can compute them for all blocks in one batched matmul."""
         b, h, w, _ = x.shape
         tokens = self.x_embedder(patchify(x, self.patch_size))
         angles = rope_angles(tokens.shape[1], self.head_dim, self.rope_theta)
         c = self.condition(t, y, drop_key)
-        for layer in self.layers:
-            tokens = layer(tokens, c, angles)
+        for i, layer in enumerate(self.layers):
+            tokens = layer(tokens, c, angles, None if modulations is None else modulations[i])
         out = self.final_layer(tokens, c)
         return unpatchify(out, self.patch_size, h, w).astype(jnp.float32)
 
