@@ -66,6 +66,21 @@ def save_grid(path: str, images: np.ndarray, labels, *, scale: int | None = None
     os.replace(tmp, path)
 
 
+def latent_decoder(config):
+    """z (N, h, w, 4) → images in [−1, 1] through the SD-VAE at data.vae_path; None for pixel-space models."""
+    if not config.data.latent:
+        return None
+    if not config.data.vae_path:
+        raise FileNotFoundError("latent models decode through the SD-VAE: download it once (e.g. `huggingface-cli "
+                                "download stabilityai/sd-vae-ft-ema --local-dir vae/`) and pass "
+                                "--config.data.vae_path=vae/")
+    from terdit_jax.vae import load_vae
+
+    vae = load_vae(config.data.vae_path, dtype=jax.numpy.dtype(config.model.dtype))
+    scale = config.data.latent_scale
+    return jax.jit(lambda z: vae.decode(z / scale))
+
+
 def load_ema(config, workdir: str, step: int = -1):
     """EMA params of checkpoint `step` (-1 = newest) in workdir/checkpoints → (apply, params, step)."""
     from terdit_jax.checkpoint import CheckpointError, Checkpoints
@@ -93,9 +108,8 @@ def run_sample_mode(config, workdir: str, *, log=print) -> dict:
     labels = sample_labels(config)
     log(f"sampling {len(labels)} images from step {step} ({config.sample.sampler}, {config.sample.num_steps} steps, "
         f"cfg {config.sample.cfg_scale})")
-    if config.data.latent:
-        raise NotImplementedError("latent models need the VAE decoder (config.data.vae_path), not built yet")
-    images = generate(apply, params, labels, config, jax.random.key(config.sample.seed), progress=True)
+    images = generate(apply, params, labels, config, jax.random.key(config.sample.seed),
+                      decode=latent_decoder(config), progress=True)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     base = os.path.join(workdir, "samples", f"sample_{step:07d}")
     save_grid(base + ".png", images, labels)

@@ -1,0 +1,149 @@
+"""Samplers: ancestral DDPM (what TerDiT/DiT use) and DDIM, with DiT-style classifier-free guidance.
+
+The loop is a Python loop around ONE jitted step whose step index is a traced int32 scalar, so it compiles once per
+(model_fn, shape, dtype, sampler) and can drive a tqdm bar. Model functions that are `jax.tree_util.Partial` objects
+have their bound arrays passed to the step as arguments (not baked into the program as constants): for a large model
+use `Partial(apply_fn, params)` rather than a closure over the params.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+
+from terdit_jax.diffusion.gaussian import GaussianDiffusion, ModelFn
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def _as_partial(fn: ModelFn) -> Partial:
+    """Wrap a plain callable so it can be a jit argument (its identity then keys the compile cache)."""
+    if not callable(fn):
+        raise TypeError(f"model_fn must be callable as model_fn(x_t, t, y), got {type(fn).__name__}")
+    return fn if isinstance(fn, Partial) else Partial(fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CFGForward:
+    """DiT `forward_with_cfg` on the first half only; hashable so equal settings share one compiled step."""
+    null_class: int
+    guidance_channels: int | None
+
+    def __call__(self, model_fn, cfg_scale, x, t, y):
+        n, C = x.shape[0], x.shape[-1]
+        k = C if self.guidance_channels is None else self.guidance_channels
+        if not 1 <= k <= C:
+            raise ValueError(f"guidance_channels must be in [1, {C}] (the ε channels) or None, got {k}")
+        # Both halves see the same x (DiT reuses the first half); the second half is the unconditional pass.
+        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                       jnp.concatenate([y, jnp.full_like(y, self.null_class)]))
+        cond, uncond = out[:n].astype(jnp.float32), out[n:].astype(jnp.float32)
+        guided = uncond[..., :k] + cfg_scale * (cond[..., :k] - uncond[..., :k])
+        # DiT quirk kept for parity: only the first k channels (3 in the official code) are guided; the rest (4th ε
+        # channel, all v channels) keep the conditional half's own values.
+        return jnp.concatenate([guided, cond[..., k:]], axis=-1)
+
+
+def cfg_model_fn(model_fn: ModelFn, cfg_scale: float, null_class: int, guidance_channels: int | None = 3) -> Partial:
+    """Classifier-free guidance wrapper (DiT `forward_with_cfg`), returning a model_fn(x, t, y) of the same contract.
+
+    Runs the model on [x; x] with labels [y; null_class] and returns the first (conditional) half of DiT's output,
+    (N,H,W,2C): channels [:g] = u + s·(c − u), channels [g:] = the conditional values. guidance_channels g = 3 is the
+    official behaviour; None guides all C ε channels. DiT's sampler carries a second half that it throws away; here
+    the sampler carries only the first half, which gives the same first-half trajectory for half the elementwise work.
+    """
+    if guidance_channels is not None and guidance_channels < 1:
+        raise ValueError(f"guidance_channels must be >= 1 or None, got {guidance_channels}")
+    return Partial(_CFGForward(int(null_class), guidance_channels), _as_partial(model_fn),
+                   jnp.asarray(cfg_scale, jnp.float32))
+
+
+# ------------------------------------------------------------------------------------------------------------ steps ---
+
+def _mask_nonzero(t: jax.Array, ndim: int) -> jax.Array:
+    return (t != 0).astype(jnp.float32).reshape(t.shape + (1,) * (ndim - 1))
+
+
+def p_sample(diffusion: GaussianDiffusion, model_out: jax.Array, x: jax.Array, t: jax.Array, noise: jax.Array,
+             clip_denoised: bool = False) -> jax.Array:
+    """One ancestral DDPM step (IDDPM `p_sample`): x_{t−1} = μ + 1[t>0]·exp(½ log σ²)·noise, cast back to x.dtype.
+
+    model_out: (N,H,W,2C) from the model at x; x, noise: (N,H,W,C); t: (N,) step indices of `diffusion`.
+    """
+    pm = diffusion.p_mean_variance(model_out, x, t, clip_denoised)
+    new = pm.mean + _mask_nonzero(t, x.ndim) * jnp.exp(0.5 * pm.log_variance) * noise
+    return new.astype(x.dtype)  # TerDiT's one addition to DiT's p_sample: keep the latent dtype (e.g. bf16)
+
+
+def ddim_sample(diffusion: GaussianDiffusion, model_out: jax.Array, x: jax.Array, t: jax.Array, noise: jax.Array,
+                eta: float | jax.Array = 0.0, clip_denoised: bool = False) -> jax.Array:
+    """One DDIM step (Song et al. 2021, eq. 12; IDDPM/DiT `ddim_sample`), cast back to x.dtype.
+
+    σ = η·sqrt((1 − ᾱ_prev)/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ_prev);  x_prev = x̂0·sqrt(ᾱ_prev) + sqrt(1 − ᾱ_prev − σ²)·ε + 1[t>0]·σ·noise.
+    """
+    pm = diffusion.p_mean_variance(model_out, x, t, clip_denoised)
+    at = functools.partial(diffusion.extract, t=t, ndim=x.ndim)
+    eps = diffusion.predict_eps_from_xstart(x, t, pm.pred_xstart)
+    ab, ab_prev = at(diffusion.alphas_cumprod), at(diffusion.alphas_cumprod_prev)
+    sigma = eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab)) * jnp.sqrt(1.0 - ab / ab_prev)
+    mean = pm.pred_xstart * jnp.sqrt(ab_prev) + jnp.sqrt(1.0 - ab_prev - sigma ** 2) * eps
+    return (mean + _mask_nonzero(t, x.ndim) * sigma * noise).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sampler", "clip_denoised"))
+def _step(model_fn: Partial, diffusion: GaussianDiffusion, x, k, key, y, eta, *, sampler: str, clip_denoised: bool):
+    """Step index k (traced int32 scalar) -> (x at k−1, next key). One compile serves every k."""
+    key, sub = jax.random.split(key)
+    t = jnp.full((x.shape[0],), k, dtype=jnp.int32)
+    out = model_fn(x, diffusion.timestep_map[t], y)
+    noise = jax.random.normal(sub, x.shape, x.dtype)
+    if sampler == "ddpm":
+        return p_sample(diffusion, out, x, t, noise, clip_denoised), key
+    return ddim_sample(diffusion, out, x, t, noise, eta, clip_denoised), key
+
+
+def sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape: tuple[int, ...], key: jax.Array, y: jax.Array, *,
+           sampler: str = "ddpm", cfg_scale: float = 1.0, null_class: int | None = None,
+           guidance_channels: int | None = 3, eta: float = 0.0, clip_denoised: bool = False,
+           x_T: jax.Array | None = None, progress: bool = False, dtype=jnp.float32) -> jax.Array:
+    """Draw samples by running the reverse process over all steps of `diffusion` (use a respaced one, e.g. "250").
+
+    shape: (N,H,W,C); y: (N,) int labels; key: a jax.random key (initial noise, then one split per step).
+    sampler: "ddpm" (ancestral, the TerDiT/DiT default) or "ddim" (with `eta`, 0 = deterministic).
+    cfg_scale != 1 wraps the model with `cfg_model_fn(model_fn, cfg_scale, null_class, guidance_channels)`; at 1 the
+    conditional model is used alone (the guided channels would equal it anyway). x_T: optional starting noise of
+    `shape`. Returns x_0 as (N,H,W,C) in `dtype`.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    shape = tuple(int(s) for s in shape)
+    y = jnp.asarray(y, dtype=jnp.int32)
+    if len(shape) < 2 or y.shape != (shape[0],):
+        raise ValueError(f"y must have shape (N,) = ({shape[0] if shape else '?'},) for sample shape {shape}, got {y.shape}")
+    fn = _as_partial(model_fn)
+    if cfg_scale != 1.0:
+        if null_class is None:
+            raise ValueError("classifier-free guidance (cfg_scale != 1) needs null_class, the label of the "
+                             "unconditional class (num_classes, e.g. 1000 for ImageNet)")
+        fn = cfg_model_fn(fn, cfg_scale, null_class, guidance_channels)
+    key, init_key = jax.random.split(key)
+    if x_T is None:
+        x = jax.random.normal(init_key, shape, dtype)
+    elif tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T must have the sample shape {shape}, got {tuple(x_T.shape)}")
+    else:
+        x = jnp.asarray(x_T, dtype)
+    steps = range(diffusion.num_timesteps - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"{sampler} sampling", total=diffusion.num_timesteps)
+    eta = jnp.asarray(eta, jnp.float32)
+    for k in steps:
+        x, key = _step(fn, diffusion, x, np.int32(k), key, y, eta, sampler=sampler, clip_denoised=clip_denoised)
+        if progress:
+            x.block_until_ready()  # so the bar tracks finished steps, not dispatched ones
+    return x
