@@ -6,6 +6,7 @@ write a labelled sample grid. This module parses flags and dispatches; the work 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -16,11 +17,41 @@ import terdit_jax.configs as _configs
 _DEMO = os.path.join(os.path.dirname(_configs.__file__), "demo.py")
 MODES = ("train", "sample")
 
-config_flags.DEFINE_config_file("config", _DEMO, "ml_collections config file (get_config()).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Output directory (checkpoints/, samples/, metrics.jsonl). "
-                    "Default: runs/<config name>.")
-flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    # config_flags reads the --config.KEY overrides from sys.argv while defining the flag, so a misspelled key
+    # fails here; cli() turns that into one message.
+    config_flags.DEFINE_config_file("config", _DEMO, "ml_collections config file (get_config()).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory (checkpoints/, samples/, metrics.jsonl). "
+                        "Default: runs/<config name>.")
+    flags.DEFINE_enum("mode", "train", MODES, "What to do: " + ", ".join(MODES))
+
+
+def _bad_flags(e: BaseException):
+    msg = " ".join(str(e.args[0] if e.args else e).replace("\\'", "'").split())
+    if "Did you mean" in msg:  # ml_collections: "'stepz' Did you mean "steps" instead of "stepz"?"
+        want, got = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', msg).groups()
+        msg = f"the config has no field '{got}' (did you mean '{want}'?)"
+    elif isinstance(e, (KeyError, AttributeError)):
+        msg = f"the config has no field '{msg.strip(chr(34) + chr(39))}'"
+    elif "No such file" in msg or "Failed loading config" in msg:
+        msg = "could not load the config file: " + msg.split("Attempted")[-1].strip()
+    print(f"error: {msg}\nusage: python -m terdit_jax.main [--config PATH] [--workdir DIR] [--mode MODE] "
+          "[--config.KEY=VALUE ...]", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse(argv):
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.to_dict()  # loads the config file now, so a missing or broken file is reported here
+        return rest
+    except flags.Error as e:
+        _bad_flags(e)
+    except (OSError, KeyError, AttributeError, TypeError, ValueError, SyntaxError) as e:
+        _bad_flags(e)
 
 
 def _say(msg: str):
@@ -76,5 +107,13 @@ def main(argv):
         sys.exit(2)
 
 
+def cli():
+    try:
+        _define_flags()
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        _bad_flags(e)
+    app.run(main, flags_parser=_parse)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli()
