@@ -1,0 +1,85 @@
+"""The command line end to end: the demo at a few steps, sample mode, resume, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY = ["--config.model.dim=32", "--config.model.n_layers=1", "--config.train.log_every=2",
+        "--config.train.ckpt_every=2", "--config.sample.num_steps=3", "--config.sample.per_class=2"]
+
+
+def cli(*args, check=True):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "terdit_jax.main", *args], capture_output=True, text=True, env=env,
+                       timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    r = cli("--workdir", workdir, "--config.train.steps=4", *TINY)
+    return workdir, r
+
+
+def test_demo_writes_checkpoint_metrics_tensorboard_and_grid(demo_run):
+    workdir, r = demo_run
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [row["step"] for row in rows] == [2, 4]
+    for row in rows:
+        assert {"step", "loss", "grad_norm", "lr", "steps_per_s", "mse", "vb"} <= set(row)
+        assert np.isfinite(row["loss"]) and row["lr"] == pytest.approx(1e-3)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    grid = os.path.join(workdir, "samples", "final_grid.png")
+    assert Image.open(grid).size[1] >= 10 * 56  # 10 labelled rows of upscaled 28 px digits
+    for path in (grid, os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "checkpoints")):
+        assert path in r.stdout  # every output location is printed
+
+
+def test_sample_mode_writes_adm_npz_and_grid(demo_run):
+    workdir, _ = demo_run
+    r = cli("--workdir", workdir, "--mode", "sample", *TINY)
+    npz = os.path.join(workdir, "samples", "sample_0000004.npz")
+    assert npz in r.stdout
+    data = np.load(npz)
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (20, 28, 28, 1)
+    np.testing.assert_array_equal(data["arr_1"], np.repeat(np.arange(10), 2))
+    assert os.path.exists(npz[:-4] + ".png")
+
+
+def test_resume_continues_from_the_newest_checkpoint(demo_run):
+    workdir, _ = demo_run
+    r = cli("--workdir", workdir, "--config.train.steps=6", *TINY)
+    assert "resumed from" in r.stdout and "/4" in r.stdout
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [row["step"] for row in rows] == [2, 4, 6]
+
+
+def test_a_different_architecture_is_refused_and_checkpoints_kept(demo_run):
+    workdir, _ = demo_run
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    r = cli("--workdir", workdir, "--config.train.steps=8", *TINY, "--config.model.n_layers=2", check=False)
+    assert r.returncode == 2 and "different architecture" in r.stderr and "n_layers" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--config", "no/such/config.py"], "could not load the config file"),
+    (["--config.train.stepz=3"], "no field 'stepz' (did you mean 'steps'?)"),
+    (["--config.train.steps=many"], "--config.train.steps=many"),
+    (["--config.model.name=DiT_Llama_1B"], "unknown model 'DiT_Llama_1B'"),
+    (["--workdir", "/proc/not/writable"], "cannot write to workdir"),
+    (["--mode", "sample", "--workdir", "/tmp/terdit-empty-workdir-for-test"], "no checkpoint in"),
+])
+def test_bad_input_gives_one_clear_message(args, expect):
+    r = cli(*args, check=False)
+    assert r.returncode == 2, r.stderr
+    assert expect in r.stderr and "Traceback" not in r.stderr
