@@ -1,0 +1,210 @@
+"""Packed 2-bit ternary inference layers and the fused adaLN of all blocks (deployment).
+
+`PackedTernaryDense` is the linear kind "packed" (registered in `LINEAR_KINDS`): a DiT built with
+`model.linear="packed"` has the same module tree as the QAT model, with each ternary layer's float32
+latent `kernel` replaced by `packed`, the uint8 codes of W_t in `terdit_kernels.PACK_FORMAT`
+((padded_k(K)/4, N), four codes per byte). Its forward is `terdit_kernels.ternary_matmul`, which on a
+GPU runs the Pallas kernel (weights unpacked in registers) and elsewhere unpacks one layer at a time
+inside the matmul, so the full-precision ternary matrices of the model never exist at once.
+
+The adaLN modulations depend only on (t, y), so a deployment computes those of all L blocks in one
+matmul per step (`StackedAdaLN`): the L packed (Kp/4, 6D) matrices sit side by side as one
+(Kp/4, L·6D) packed matrix (the layout packs along K, so concatenating along N is again a valid packed
+matrix), and `DiT.__call__(..., modulations=(L, B, 6D))` consumes the result. `fuse_adaln` moves a
+model to that form and drops the per-block copies, so no adaLN weight is held twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.tree_util import Partial
+
+from terdit_jax.models.ternary import LINEAR_KINDS
+from terdit_kernels import padded_k, resolve_backend, ternary_matmul
+
+ACT_DTYPES = ("bf16", "f32", "int8")  # terdit_kernels.reference.ACT_DTYPES
+BACKENDS = ("auto", "pallas", "xla")  # terdit_kernels.ops.BACKENDS
+_ZERO_BYTE = 0x55  # four codes u = 1, i.e. W_t = 0 (code u = W_t + 1, terdit_kernels.packing)
+
+
+class PackedCodes(nnx.Variable):
+    """uint8 packed ternary codes. Not an `nnx.Param`: optimisers and `nnx.split(model, nnx.Param)` never see it."""
+
+
+class PackedTernaryDense(nnx.Module):
+    """Inference ternary linear y = x·(α·W_t) (+ b) from 2-bit codes (official `layer_inference.py`, §2.3).
+
+    Same constructor as `Dense`/`TernaryDense` (kernel_init is unused: values come from a checkpoint).
+    Variables: `packed` (padded_k(in)/4, out) uint8 PackedCodes, `alpha` () float32, `bias` (out,) or None.
+    `act_dtype` ('bf16' W2A16, 'f32', 'int8' W2A8) and `backend` ('auto', 'pallas', 'xla') are static
+    settings of the matmul; `configure_packed` sets them on a whole model from the config.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str | None, str | None],
+                 dtype=jnp.float32, rngs: nnx.Rngs | None = None, act_dtype: str = "bf16", backend: str = "auto",
+                 **unused):
+        _check_settings(act_dtype, backend)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.dtype, self.act_dtype, self.backend = dtype, act_dtype, backend
+        # Until a checkpoint fills them: W_t = 0 and α = 1 (a freshly built inference layer is the zero map).
+        self.packed = PackedCodes(jnp.full((padded_k(in_features) // 4, out_features), _ZERO_BYTE, jnp.uint8),
+                                  logical_axes=tuple(axes))
+        self.alpha = nnx.Param(jnp.ones((), jnp.float32), logical_axes=())
+        self.bias = nnx.Param(jnp.zeros((out_features,)), logical_axes=tuple(axes)[1:]) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., in) → (..., out) in `dtype` (the bias is added in float32 inside the matmul epilogue)."""
+        codes = _after_input(self.packed[...], x, self.backend)
+        return ternary_matmul(x.astype(self.dtype), codes, self.alpha[...], k=self.in_features,
+                              bias=None if self.bias is None else self.bias[...], act_dtype=self.act_dtype,
+                              backend=self.backend)
+
+
+LINEAR_KINDS["packed"] = PackedTernaryDense
+
+
+def _after_input(codes: jax.Array, x: jax.Array, backend: str) -> jax.Array:
+    """On the XLA path, give the layer's unpacking a data dependency on the layer input.
+
+    The XLA fallback unpacks W_t into a dense (K, N) matrix. Those unpacks depend only on the weights, so
+    XLA may run all of them before the first block, and XLA:CPU does: the compiled 4.2B forward then holds
+    every unpacked bf16 matrix at once (8.5 GB of temporaries, `Compiled.memory_analysis()`; an
+    optimization barrier is dropped by the CPU pipeline and does not help). OR-ing in `x0 != x0` (false
+    unless the first activation is NaN, and XLA cannot fold it because of NaN semantics) makes each unpack
+    wait for its layer's input, so a layer's dense matrix exists only while that layer runs. With a NaN
+    input the codes change, but the sample is NaN already. The Pallas kernel never builds the matrix, so
+    this is skipped there.
+    """
+    if resolve_backend(backend) != "xla":
+        return codes
+    x0 = x.reshape(-1)[0]
+    return codes | (x0 != x0).astype(jnp.uint8)
+
+
+def _check_settings(act_dtype: str, backend: str):
+    if act_dtype not in ACT_DTYPES:
+        raise ValueError(f"packed act_dtype must be one of {ACT_DTYPES}, got {act_dtype!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"packed backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def packed_settings(model_cfg) -> tuple[str, str]:
+    """(act_dtype, backend) from `model.packed_act_dtype` / `model.packed_backend`, defaults ('bf16', 'auto')."""
+    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d: getattr(model_cfg, k, d)
+    return str(get("packed_act_dtype", "bf16") or "bf16"), str(get("packed_backend", "auto") or "auto")
+
+
+def configure_packed(model: nnx.Module, act_dtype: str = "bf16", backend: str = "auto") -> nnx.Module:
+    """Set the matmul settings of every packed layer of `model` (before `nnx.split`, they live in the graphdef)."""
+    _check_settings(act_dtype, backend)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, (PackedTernaryDense, StackedAdaLN)):
+            module.act_dtype, module.backend = act_dtype, backend
+    return model
+
+
+class StackedAdaLN(nnx.Module):
+    """adaLN modulation of all L blocks in one packed matmul: silu(c) → ternary matmul → per-block α, bias
+    → TerDiT RMSNorm over each block's 6D vector with that block's weight (official `adaLN_modulation`
+    = SiLU, TernaryLinear(C→6D, bias), RMSNorm(6D); terdit_official.md §1.5).
+
+    Variables: `packed` (padded_k(C)/4, L·6D) uint8 (block l owns columns [l·6D, (l+1)·6D)), `alpha` (L,),
+    `bias` (L, 6D) or None, `norm` (L, 6D) or None (the adaln_norm=False ablation).
+    """
+
+    def __init__(self, packed, alpha, bias, norm, *, in_features: int, eps: float, dtype, act_dtype: str = "bf16",
+                 backend: str = "auto"):
+        _check_settings(act_dtype, backend)
+        self.n_layers, self.width = alpha.shape[0], packed.shape[1] // alpha.shape[0]
+        self.in_features, self.eps, self.dtype = int(in_features), float(eps), dtype
+        self.act_dtype, self.backend = act_dtype, backend
+        self.packed = PackedCodes(packed, logical_axes=("cond", None))
+        self.alpha = nnx.Param(alpha.astype(jnp.float32), logical_axes=(None,))
+        self.bias = None if bias is None else nnx.Param(bias, logical_axes=(None, "adaln"))
+        self.norm = None if norm is None else nnx.Param(norm, logical_axes=(None, "adaln"))
+
+    def __call__(self, c: jax.Array) -> jax.Array:
+        """c (B, C) float32 → modulations (L, B, 6D) in `dtype`, equal to each block's `modulation(c)`."""
+        # Same arithmetic as L separate PackedTernaryDense calls: the activations are rounded to the compute
+        # dtype first, the accumulation is float32, then acc·α_l + b_l in float32 and one rounding to `dtype`.
+        x = jax.nn.silu(c).astype(self.dtype).astype(jnp.float32)
+        acc = ternary_matmul(x, _after_input(self.packed[...], x, self.backend), jnp.ones((), jnp.float32),
+                             k=self.in_features,
+                             act_dtype=self.act_dtype, backend=self.backend)  # (B, L·6D) float32
+        mod = acc.reshape(x.shape[0], self.n_layers, self.width) * self.alpha[...][None, :, None]
+        if self.bias is not None:
+            mod = mod + self.bias[...][None].astype(jnp.float32)
+        mod = mod.astype(self.dtype)
+        if self.norm is not None:  # RMSNorm as layers.RMSNorm: float32, x/sqrt(mean(x²)+eps)·w, back to dtype
+            m32 = mod.astype(jnp.float32)
+            m32 = m32 * jax.lax.rsqrt(jnp.mean(m32 * m32, axis=-1, keepdims=True) + self.eps)
+            mod = (m32 * self.norm[...][None]).astype(self.dtype)
+        return jnp.swapaxes(mod, 0, 1)
+
+
+def fuse_adaln(model: nnx.Module) -> nnx.Module:
+    """Move the per-block packed adaLN layers of a DiT into one `model.adaln_stack` (in place; returns model).
+
+    Afterwards the blocks hold no adaLN weights, so the model must be called with `modulations=` (as
+    `PackedApply` does); the stacked weights are the only copy.
+    """
+    blocks = list(model.layers)
+    lins = [b.adaLN_modulation for b in blocks]
+    if not lins or not all(isinstance(m, PackedTernaryDense) for m in lins):
+        raise ValueError("fuse_adaln needs a DiT whose block adaLN linears are packed (model.linear='packed' "
+                         "with 'adaLN_modulation' in model.quantized_layers)")
+    norms = [b.adaLN_norm for b in blocks]
+    has_bias, has_norm = lins[0].bias is not None, norms[0] is not None
+    first = lins[0]
+    model.adaln_stack = StackedAdaLN(
+        jnp.concatenate([m.packed[...] for m in lins], axis=1),
+        jnp.stack([m.alpha[...] for m in lins]),
+        jnp.stack([m.bias[...] for m in lins]) if has_bias else None,
+        jnp.stack([n.weight[...] for n in norms]) if has_norm else None,
+        in_features=first.in_features, eps=norms[0].eps if has_norm else 0.0, dtype=first.dtype,
+        act_dtype=first.act_dtype, backend=first.backend)
+    for b in blocks:
+        b.adaLN_modulation = None
+        b.adaLN_norm = None
+    return model
+
+
+def stacked_modulations(model: nnx.Module, c: jax.Array) -> jax.Array:
+    """(L, B, 6D) modulations of every block of a fused model, from c = model.condition(t, y)."""
+    return model.adaln_stack(c)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedApply:
+    """Hashable apply for a fused packed model: PackedApply(graphdef)(params, x, t, y) → model output.
+
+    Same call contract as `model_fn.ApplyDiT`; per step it runs one stacked adaLN matmul and then the
+    blocks with those modulations. params: the full nnx.State of the fused model (codes included).
+    """
+    graphdef: nnx.GraphDef
+
+    def __call__(self, params, x, t, y, drop_key=None):
+        model = nnx.merge(self.graphdef, params)
+        mods = model.adaln_stack(model.condition(t, y, drop_key))
+        return model(x, t, y, drop_key=drop_key, modulations=mods)
+
+
+def split_packed(model: nnx.Module, *, fuse: bool = True):
+    """A packed DiT → (apply, params) for the samplers; with `fuse` the adaLN runs batched (`PackedApply`).
+
+    Unlike `model_fn.init_model` this splits every Variable (the codes are not Params).
+    """
+    if fuse:
+        graphdef, params = nnx.split(fuse_adaln(model))
+        return PackedApply(graphdef), params
+    from terdit_jax.model_fn import ApplyDiT
+    graphdef, params = nnx.split(model)
+    return ApplyDiT(graphdef), params
+
+
+def packed_model_fn(apply, params) -> Partial:
+    """model_fn(x, t, y) for `diffusion.samplers.sample`; params travel as a pytree (no re-trace per call)."""
+    return Partial(apply, params)
