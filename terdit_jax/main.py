@@ -5,6 +5,7 @@ write a labelled sample grid. This module parses flags and dispatches; the work 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -15,7 +16,7 @@ from ml_collections import config_flags
 import terdit_jax.configs as _configs
 
 _DEMO = os.path.join(os.path.dirname(_configs.__file__), "demo.py")
-MODES = ("train", "sample")
+MODES = ("train", "sample", "eval", "export")
 
 FLAGS = flags.FLAGS
 
@@ -27,6 +28,8 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "Output directory (checkpoints/, samples/, metrics.jsonl). "
                         "Default: runs/<config name>.")
     flags.DEFINE_enum("mode", "train", MODES, "What to do: " + ", ".join(MODES))
+    flags.DEFINE_string("out", None, "export: output directory (default <workdir>/packed)")
+    flags.DEFINE_bool("overwrite", False, "export: replace an existing export")
 
 
 def _bad_flags(e: BaseException):
@@ -86,6 +89,17 @@ def run(config, workdir: str, mode: str):
     elif mode == "sample":
         paths = sampling.run_sample_mode(config, workdir, log=_say)
         _say(f"sample grid: {paths['grid']}\nsamples npz: {paths['npz']}")
+    elif mode == "eval":
+        from terdit_jax.eval.run import run_eval_mode
+        report = run_eval_mode(config, workdir, log=_say)
+        _say(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=1))
+        _say(f"report: {report['report']}")
+    elif mode == "export":
+        from terdit_jax.export import export_packed
+        out = FLAGS.out or os.path.join(workdir, "packed")
+        manifest = export_packed(config, workdir, out, step=config.sample.step, overwrite=FLAGS.overwrite)
+        _say(f"packed checkpoint: {out} ({manifest['nbytes'] / 1e6:.1f} MB); sample from it with "
+             f"--mode sample --config.sample.packed_path={out}")
 
 
 def main(argv):
@@ -95,6 +109,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --flag=value")
     from terdit_jax.checkpoint import CheckpointError
     from terdit_jax.config import ConfigError
+    from terdit_jax.export import ExportError
     from terdit_jax.train import TrainingDiverged
 
     config = FLAGS.config
@@ -102,7 +117,7 @@ def main(argv):
     workdir = FLAGS.workdir or os.path.join("runs", name)
     try:
         run(config, workdir, FLAGS.mode)
-    except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, PermissionError) as e:
+    except (ConfigError, CheckpointError, TrainingDiverged, ExportError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -21,21 +21,29 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 def generate(apply, params, labels, config, key, *, decode=None, progress: bool = False) -> np.ndarray:
     """Sample one image per label. labels: sequence of ints → uint8 (N, H, W, C) (NHWC, ADM layout).
 
-    `decode` maps model-space samples to [−1, 1] images (the VAE decoder for latent models; None = pixel space).
+    Each batch is split over all local devices (params replicated); batch i's noise comes from
+    fold_in(key, i), so results do not depend on the device count. `decode` maps model-space samples to
+    [−1, 1] images (the VAE decoder for latent models; None = pixel space).
     """
     m, s = config.model, config.sample
     diffusion = create_diffusion(str(s.num_steps), config.diffusion.num_timesteps)
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     labels = np.asarray(labels, np.int32)
     out = []
     for i, lo in enumerate(range(0, len(labels), s.batch_size)):
         y = labels[lo:lo + s.batch_size]
-        shape = (len(y), m.input_size, m.input_size, m.in_channels)
-        x = sample(bind(apply, params), diffusion, shape, jax.random.fold_in(key, i), jnp.asarray(y),
-                   sampler=s.sampler, cfg_scale=float(s.cfg_scale), null_class=m.num_classes,
-                   guidance_channels=s.cfg_channels, progress=progress)
+        n = -(-len(y) // mesh.size) * mesh.size  # pad to a multiple of the device count
+        y = np.concatenate([y, np.full(n - len(y), y[-1], np.int32)])
+        k_init, k_steps = jax.random.split(jax.random.fold_in(key, i))
+        x_T = jax.random.normal(k_init, (n, m.input_size, m.input_size, m.in_channels))
+        x = sample(bind(apply, params), diffusion, x_T.shape, k_steps, jax.device_put(y, batch_sharding),
+                   x_T=jax.device_put(x_T, batch_sharding), sampler=s.sampler, cfg_scale=float(s.cfg_scale),
+                   null_class=m.num_classes, guidance_channels=s.cfg_channels, progress=progress)
         if decode is not None:
             x = decode(x)
-        out.append(to_uint8(jax.device_get(x)))
+        out.append(to_uint8(jax.device_get(x))[:len(labels[lo:lo + s.batch_size])])
     return np.concatenate(out)
 
 
@@ -100,15 +108,39 @@ def load_ema(config, workdir: str, step: int = -1):
     return apply, state["ema"], step
 
 
+def load_for_sampling(config, workdir: str):
+    """The model `--mode sample` and `--mode eval` draw from → (config, apply, params, step, to_model_labels).
+
+    A packed export (config.sample.packed_path) wins over the workdir's newest training checkpoint (EMA weights).
+    to_model_labels maps ImageNet class indices to the labels the model was trained with (the released TerDiT
+    weights use the string-sorted folder order).
+    """
+    import ml_collections
+
+    if not config.sample.packed_path:
+        apply, params, step = load_ema(config, workdir, config.sample.step)
+        return config, apply, params, step, lambda labels: np.asarray(labels, np.int32)
+    from terdit_jax.config import finalize
+    from terdit_jax.export import load_packed, to_model_labels
+
+    apply, params, model_cfg, manifest = load_packed(config.sample.packed_path,
+                                                     act_dtype=config.model.packed_act_dtype,
+                                                     backend=config.model.packed_backend)
+    packed = ml_collections.ConfigDict(config.to_dict())
+    packed.model = ml_collections.ConfigDict({**model_cfg, "name": "custom"})
+    step = int(manifest.get("source", {}).get("step", 0))
+    return finalize(packed), apply, params, step, lambda labels: to_model_labels(labels, manifest)
+
+
 def run_sample_mode(config, workdir: str, *, log=print) -> dict:
     """--mode sample: labels from config.sample → samples/sample_<step>.png and .npz (ADM layout)."""
     from terdit_jax.config import sample_labels
 
-    apply, params, step = load_ema(config, workdir, config.sample.step)
+    config, apply, params, step, model_labels = load_for_sampling(config, workdir)
     labels = sample_labels(config)
     log(f"sampling {len(labels)} images from step {step} ({config.sample.sampler}, {config.sample.num_steps} steps, "
         f"cfg {config.sample.cfg_scale})")
-    images = generate(apply, params, labels, config, jax.random.key(config.sample.seed),
+    images = generate(apply, params, model_labels(labels), config, jax.random.key(config.sample.seed),
                       decode=latent_decoder(config), progress=True)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     base = os.path.join(workdir, "samples", f"sample_{step:07d}")

@@ -11,6 +11,7 @@ from flax import nnx
 
 from terdit_jax.models.layers import (Attention, FeedForward, LabelEmbedder, LayerNorm, RMSNorm,
                                       TimestepEmbedder, rope_angles)
+from terdit_jax.models import packed as _packed  # noqa: F401  (registers the "packed" linear kind)
 from terdit_jax.models.ternary import make_linear, xavier_uniform, zeros_init
 
 # name: (dim, n_layers, n_heads) of the official factories; "3B" is the 4.2B model (paper footnote 3).

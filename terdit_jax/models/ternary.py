@@ -129,5 +129,7 @@ def make_linear(role: str, in_features: int, out_features: int, *, model_cfg, rn
     if kind not in LINEAR_KINDS:
         raise ValueError(f"unknown linear kind {kind!r} for {role}; known: {sorted(LINEAR_KINDS)}")
     extra = {"alpha_init": model_cfg.alpha_init} if kind == "ternary" else {}
+    if kind == "packed":
+        extra = {"act_dtype": model_cfg.packed_act_dtype, "backend": model_cfg.packed_backend}
     return LINEAR_KINDS[kind](in_features, out_features, use_bias=use_bias, kernel_init=kernel_init,
                               axes=tuple(axes), dtype=dtype, rngs=rngs, **extra)
