@@ -1,11 +1,22 @@
-"""Orbax checkpoints of the train state, with the model config stored beside it so that a checkpoint
-from a different architecture is refused with a clear message instead of a shape error."""
+"""Orbax checkpoints of the train state, with the model config and the data-iterator position of every process
+stored beside it, so that resume is exact and a checkpoint from a different architecture is refused with a clear
+message instead of a shape error.
+
+Crash safety comes from Orbax's commit protocol: a step is written into a temporary folder and renamed to its final
+name only once every process has finished writing, so a process killed mid-save leaves at most a temporary folder,
+which the next start ignores (and removes: `cleanup_tmp_directories`). A finished step that is unreadable later
+(truncated, corrupted) raises CheckpointError naming the step; `restore_latest(fallback=True)` moves it aside to
+`<directory>.corrupt/` and tries the next older one.
+"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -16,17 +27,44 @@ class CheckpointError(RuntimeError):
 
 def _model_signature(model_cfg) -> dict:
     d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    # dtype and alpha_init do not change the parameter tree; everything else does (or changes its meaning).
-    return {k: v for k, v in sorted(d.items()) if k not in ("dtype", "alpha_init")}
+    # Compute settings do not change the parameter tree; everything else does (or changes its meaning).
+    runtime = ("dtype", "alpha_init", "ternary_gamma", "packed_act_dtype", "packed_backend")
+    return {k: v for k, v in sorted(d.items()) if k not in runtime}
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _gather_strings(s: str) -> list[str]:
+    """Every process's `s`, in process order (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return [s]
+    from jax.experimental import multihost_utils
+    b = np.frombuffer(s.encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(b)], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:len(b)] = b
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [bytes(rows[i, :lengths[i]]).decode() for i in range(len(lengths))]
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 class Checkpoints:
-    """workdir/checkpoints: keep the newest `keep` steps plus every `keep_every`-th; saves are asynchronous."""
+    """workdir/checkpoints: keep the newest `keep` steps plus every step that is a multiple of `keep_every`;
+    saves are asynchronous (the call returns once the arrays are copied off the devices)."""
 
     def __init__(self, directory: str, *, keep: int = 3, keep_every: int | None = None, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=True,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None, create=True,
+                                               enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -35,16 +73,19 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, model_cfg, extra: dict | None = None) -> bool:
-        """Save `state` (a pytree) at `step` unless that step exists already; refuses non-finite params."""
+    def save(self, step: int, state, model_cfg, extra: dict | None = None, data_state: str | None = None) -> bool:
+        """Save `state` at `step` unless that step exists already; refuses non-finite params.
+
+        data_state: this process's data-iterator position (a string); all processes' positions are gathered and
+        stored in the metadata (every process must call `save`, as Orbax requires anyway)."""
         if step in self.manager.all_steps():
             return False
-        finite = jax.tree_util.tree_reduce(lambda a, x: a and bool(np.isfinite(np.asarray(x)).all()),
-                                           state["params"], True)
-        if not finite:
+        if not bool(_all_finite(state["params"])):
             raise CheckpointError(f"refusing to save step {step}: the parameters contain NaN/inf "
                                   f"(the previous checkpoints in {self.directory} are kept)")
-        meta = {"model": _model_signature(model_cfg), "step": int(step), **(extra or {})}
+        data = _gather_strings(data_state or "")
+        meta = {"model": _model_signature(model_cfg), "step": int(step), "process_count": jax.process_count(),
+                "data_state": data, **(extra or {})}
         return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                meta=ocp.args.JsonSave(meta)))
 
@@ -57,8 +98,21 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} has no readable metadata ({e}); "
                                   "it is incomplete or corrupted: delete that step folder to fall back") from e
 
+    def data_state(self, step: int) -> str | None:
+        """This process's data-iterator position saved at `step` ('' or None when there is none)."""
+        meta = self.meta(step)
+        states = meta.get("data_state") or []
+        if not states or not any(states):
+            return None
+        if len(states) != jax.process_count():
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} holds the data positions of "
+                                  f"{len(states)} processes but {jax.process_count()} are running; grain shards the "
+                                  "data per process, so resume with the same process count")
+        return states[jax.process_index()]
+
     def restore(self, step: int, abstract_state, model_cfg):
-        """Restore `step` onto the structure (and shardings) of `abstract_state`; checks the architecture first."""
+        """Restore `step` onto the structure (and shardings) of `abstract_state`; checks the architecture first.
+        The shardings may come from another mesh than the one that saved it (Orbax reshards on read)."""
         saved = self.meta(step).get("model", {})
         want = _model_signature(model_cfg)
         diff = {k: (saved.get(k), want.get(k)) for k in set(saved) | set(want) if saved.get(k) != want.get(k)}
@@ -73,8 +127,85 @@ class Checkpoints:
                                   f"{str(e)[:300]}); delete that step folder to fall back to an older one") from e
         return out.state
 
+    def quarantine(self, step: int) -> str:
+        """Move step `step` out of the way (to <directory>.corrupt/) so training can go on past it."""
+        dest = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), dest)
+        _sync(f"quarantine_{step}")
+        self.manager.reload()
+        return dest
+
+    def restore_latest(self, abstract_state, model_cfg, *, fallback: bool = True, log=print):
+        """→ (step, state) of the newest readable checkpoint, or (None, None) if there is none.
+
+        With `fallback`, an unreadable step is moved aside (`quarantine`) and the next older one is tried; an
+        architecture mismatch is never skipped (it means the wrong config, not a damaged file)."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self.restore(step, abstract_state, model_cfg)
+            except CheckpointError as e:
+                if not fallback or "different architecture" in str(e):
+                    raise
+                dest = self.quarantine(step)
+                log(f"warning: {e}\n  moved to {dest}; trying the previous checkpoint")
+        return None, None
+
     def wait(self):
         self.manager.wait_until_finished()
 
     def close(self):
         self.manager.close()
+
+
+def export_orbax(config, workdir: str, out_dir: str, step: int = -1, *, log=print) -> str:
+    """Inference checkpoint: the EMA weights of checkpoint `step` (-1 = newest) alone, as an Orbax StandardSave
+    tree in out_dir/ema, plus out_dir/model_config.json (the model section of the config). Reads only the EMA
+    (partial restore), so the optimizer state is never loaded. Returns out_dir."""
+    from terdit_jax.train import abstract_state  # train imports this module
+
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    steps = ckpt.steps()
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first or pass the --workdir of a trained run")
+    step = steps[-1] if step < 0 else step
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}")
+    _, abstract = abstract_state(config)
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    ema = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract["ema"])
+    ckpt.meta(step)  # clear error for a damaged step
+    try:
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"ema": ema}, restore_args=ocp.checkpoint_utils.construct_restore_args({"ema": ema}),
+            partial_restore=True)))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint step {step} in {ckpt.directory} could not be read ({type(e).__name__}: "
+                              f"{str(e)[:300]})") from e
+    ckpt.close()
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, "ema")):
+        raise CheckpointError(f"{out_dir}/ema exists already; choose another output folder")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(out_dir, "ema"), out.state["ema"])
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, "model_config.json"), "w") as f:
+            json.dump({"step": int(step), "model": config.model.to_dict()}, f, indent=1, sort_keys=True)
+    log(f"exported the EMA weights of step {step} to {out_dir}")
+    return out_dir
+
+
+def load_exported(out_dir: str):
+    """→ (model config dict, EMA params) of an `export_orbax` folder; build the model from the config with
+    terdit_jax.model_fn.abstract_model to get the tree to restore onto."""
+    import ml_collections
+    from terdit_jax.model_fn import abstract_model
+
+    with open(os.path.join(out_dir, "model_config.json")) as f:
+        cfg = ml_collections.ConfigDict(json.load(f)["model"])
+    _, abstract = abstract_model(cfg)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.join(os.path.abspath(out_dir), "ema"), abstract)
+    return cfg, params

@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.linear = "ternary"  # "fp" gives the full-precision twin (Large-DiT)
     m.quantized_layers = "attention,feed_forward,adaLN_modulation"  # role prefixes built with `linear`
     m.alpha_init = "xavier_absmean"  # or "randn" (official)
+    m.ternary_gamma = "global"  # γ = mean|W| of the whole matrix; "shard": per tensor-parallel shard (official fairscale)
     m.adaln_norm = True  # TerDiT's RMSNorm after the adaLN linear; False = the paper's ablation baseline
     m.dtype = "bfloat16"  # compute dtype; parameters and the quantizer stay float32
     m.packed_act_dtype = "bf16"  # linear="packed": activations of the 2-bit matmul, bf16 (W2A16), f32 or int8 (W2A8)
@@ -66,6 +67,23 @@ def base_config() -> ml_collections.ConfigDict:
     t.sample_every = 10_000
     t.ckpt_every = 10_000
     t.keep_ckpts = 3
+    t.keep_every = 0  # also keep every checkpoint whose step is a multiple of this; 0 = only the newest keep_ckpts
+    t.async_checkpoint = True
+    t.resume_fallback = True  # a corrupt newest checkpoint is moved aside and the next older one restored
+    t.grad_accum_steps = 1  # microbatches per step; gradients summed, each divided by the global batch
+    t.aot_memory_report = True  # compile the step ahead of time and print its memory per device
+
+    c.parallel = p = ml_collections.ConfigDict()
+    # Devices per slice (ICI) and slices (DCN: nodes, TPU slices) on each mesh axis; one -1 per group = the rest.
+    p.ici_data, p.ici_fsdp, p.ici_tensor = 1, -1, 1
+    p.dcn_data, p.dcn_fsdp, p.dcn_tensor = -1, 1, 1
+    p.remat = "none"  # per transformer block: "none" | "full" (save nothing) | "dots" (save weight matmuls)
+    p.constrain_activations = True  # with_sharding_constraint on the token activations (batch over data×fsdp)
+    # Multi-host start: "" = auto-detect (SLURM, TPU VM, JAX_COORDINATOR_ADDRESS env) or single process.
+    p.coordinator_address = ""
+    p.num_processes = -1
+    p.process_id = -1
+    p.preempt_check_every = 10  # multi-process: steps between agreeing on a received SIGTERM
 
     c.sample = s = ml_collections.ConfigDict()
     s.classes = "89,475,978,971,508,32,963,235"  # comma-separated labels; "all" = every class
@@ -113,6 +131,12 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               + (" of the /8 VAE latent" if d.latent else ""))
     if t.batch_size <= 0 or t.steps < 0:
         _fail("train", "batch_size must be positive and steps non-negative")
+    if m.ternary_gamma not in ("global", "shard"):
+        _fail("model.ternary_gamma", f"{m.ternary_gamma!r} is not 'global' or 'shard'")
+    if c.parallel.remat not in ("none", "full", "dots"):
+        _fail("parallel.remat", f"{c.parallel.remat!r} is not one of 'none', 'full', 'dots'")
+    if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+        _fail("train.grad_accum_steps", f"{t.grad_accum_steps} must be >= 1 and divide train.batch_size={t.batch_size}")
     if m.packed_act_dtype not in ("bf16", "f32", "int8"):
         _fail("model.packed_act_dtype", f"{m.packed_act_dtype!r} is not one of 'bf16', 'f32', 'int8'")
     if m.packed_backend not in ("auto", "pallas", "xla"):

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 import terdit_jax.configs as _configs
 
 _DEMO = os.path.join(os.path.dirname(_configs.__file__), "demo.py")
-MODES = ("train", "sample", "eval", "export")
+MODES = ("train", "sample", "eval", "export", "export_orbax")
 
 FLAGS = flags.FLAGS
 
@@ -28,7 +28,7 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "Output directory (checkpoints/, samples/, metrics.jsonl). "
                         "Default: runs/<config name>.")
     flags.DEFINE_enum("mode", "train", MODES, "What to do: " + ", ".join(MODES))
-    flags.DEFINE_string("out", None, "export: output directory (default <workdir>/packed)")
+    flags.DEFINE_string("out", None, "export/export_orbax: output directory (default <workdir>/packed or <workdir>/export_orbax)")
     flags.DEFINE_bool("overwrite", False, "export: replace an existing export")
 
 
@@ -79,13 +79,18 @@ def run(config, workdir: str, mode: str):
     config = finalize(config)
     _check_workdir(workdir)
     if mode == "train":
+        import jax
         out = training.train(config, workdir, log=_say)
+        if out["preempted"]:
+            _say(f"preempted: saved step {out['step']} in {out['checkpoints']}; rerun the same command to resume")
+            return
         grid = os.path.join(workdir, "samples", "final_grid.png")
         _say("sampling the final grid from the EMA weights ...")
-        training.sample_grid(out["apply"], out["state"]["ema"], config, grid,
-                             __import__("jax").random.key(config.sample.seed))
-        _say(f"checkpoints: {out['checkpoints']}\nmetrics:     {out['metrics']}\n"
-             f"tensorboard: {os.path.join(workdir, 'tensorboard')}\nsample grid: {grid}")
+        images, labels = training.sample_grid(out["apply"], out["state"]["ema"], config, grid,
+                                              jax.random.key(config.sample.seed))
+        if jax.process_index() == 0:
+            _say(f"checkpoints: {out['checkpoints']}\nmetrics:     {out['metrics']}\n"
+                 f"tensorboard: {os.path.join(workdir, 'tensorboard')}\nsample grid: {grid}")
     elif mode == "sample":
         paths = sampling.run_sample_mode(config, workdir, log=_say)
         _say(f"sample grid: {paths['grid']}\nsamples npz: {paths['npz']}")
@@ -94,6 +99,11 @@ def run(config, workdir: str, mode: str):
         report = run_eval_mode(config, workdir, log=_say)
         _say(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=1))
         _say(f"report: {report['report']}")
+    elif mode == "export_orbax":
+        from terdit_jax.checkpoint import export_orbax
+        out = export_orbax(config, workdir, FLAGS.out or os.path.join(workdir, "export_orbax"), config.sample.step,
+                           log=_say)
+        _say(f"EMA inference checkpoint: {out}")
     elif mode == "export":
         from terdit_jax.export import export_packed
         out = FLAGS.out or os.path.join(workdir, "packed")
@@ -116,6 +126,8 @@ def main(argv):
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
     workdir = FLAGS.workdir or os.path.join("runs", name)
     try:
+        from terdit_jax.parallel import initialize_distributed
+        initialize_distributed(config)
         run(config, workdir, FLAGS.mode)
     except (ConfigError, CheckpointError, TrainingDiverged, ExportError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,9 +1,12 @@
-"""Training: the train state, one jitted step (donated state), EMA, and the loop with logging,
-periodic sample grids and resumable Orbax checkpoints."""
+"""Training: the sharded train state, one jitted step (explicit shardings, donated state, optional gradient
+accumulation and per-block remat), EMA, and the loop with logging, periodic sample grids, resumable Orbax
+checkpoints and clean preemption (SIGTERM)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
 import time
 
 import jax
@@ -12,6 +15,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from terdit_jax import parallel
 from terdit_jax.checkpoint import Checkpoints
 from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.model_fn import abstract_model, init_model, param_count
@@ -40,49 +44,136 @@ def make_optimizer(t) -> optax.GradientTransformation:
                        optax.adamw(learning_rate(t), b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay))
 
 
-def init_state(config):
-    """→ (apply, state). state = {step, params, ema, opt_state, rng}; the EMA starts as a copy (official)."""
-    apply, params = init_model(config.model, config.seed)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema": jax.tree.map(jnp.copy, params),
-             "opt_state": make_optimizer(config.train).init(params),
-             "rng": jax.random.key_data(jax.random.key(config.seed + 1))}
-    return apply, state
+def _tensor_shards(config, mesh) -> int:
+    """Tensor-parallel shard count: the mesh's, else the configured one (for γ='shard' outside training)."""
+    if mesh is not None:
+        return int(mesh.shape["tensor"])
+    p = config.parallel
+    return int(p.ici_tensor) * int(p.dcn_tensor) if p.ici_tensor > 0 and p.dcn_tensor > 0 else 1
 
 
-def abstract_state(config):
-    """The train state's structure as ShapeDtypeStructs (for restoring), built without allocating."""
-    apply, _ = abstract_model(config.model)
-    return apply, jax.eval_shape(lambda: init_state(config)[1])
+def _state_from_params(params, config):
+    """{step, params, ema, opt_state, rng}; the EMA starts as a copy of the parameters (official)."""
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "ema": jax.tree.map(jnp.copy, params),
+            "opt_state": make_optimizer(config.train).init(params),
+            "rng": jax.random.key_data(jax.random.key(config.seed + 1))}
 
 
-def make_train_step(apply, config):
-    """One optimisation step: (state, batch) → (state, metrics). batch = {'x': (B,H,W,C), 'y': (B,)}."""
+def abstract_state(config, mesh=None):
+    """→ (apply, state as ShapeDtypeStructs), built without allocating; with a mesh each leaf carries the
+    sharding the rules give it (what `Checkpoints.restore` restores onto)."""
+    model_cfg = parallel.build_model_config(config.model, _tensor_shards(config, mesh))
+    apply, _ = abstract_model(model_cfg)
+    shapes = jax.eval_shape(lambda: _state_from_params(init_model(model_cfg, config.seed)[1], config))
+    if mesh is None:
+        return apply, shapes
+    shardings = parallel.state_shardings(shapes, mesh)
+    return apply, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+def init_state(config, mesh=None):
+    """→ (apply, state). With a mesh the state is created directly sharded (jit with out_shardings, as maxtext
+    does), so no device ever holds the whole model."""
+    model_cfg = parallel.build_model_config(config.model, _tensor_shards(config, mesh))
+    make = lambda: _state_from_params(init_model(model_cfg, config.seed)[1], config)  # noqa: E731
+    if mesh is None:  # jitted as well, so that the values equal the sharded init bit for bit (XLA fuses to FMA)
+        apply, _ = abstract_model(model_cfg)
+        return apply, jax.jit(make)()
+    apply, abstract = abstract_state(config, mesh)
+    return apply, jax.jit(make, out_shardings=parallel.state_shardings(abstract, mesh))()
+
+
+def make_train_step(apply, config, mesh=None):
+    """One optimisation step (state, batch) → (state, metrics), jitted with donated state (and, with a mesh,
+    explicit in/out shardings). batch: {'x': (B, H, W, C), 'y': (B,)} or {'moments': (B, h, w, 8), 'y': (B,)},
+    in which case the latents are drawn on device (terdit_jax.data.latents.sample_latents).
+
+    All random draws (t, noise, label dropout, latents) are made for the whole global batch first, so the result
+    does not depend on the mesh or on train.grad_accum_steps; with k microbatches the gradients are summed and each
+    microbatch's loss is divided by the global batch size (Large-DiT divides each microbatch loss by the local batch).
+    """
+    t_cfg, m, p = config.train, config.model, config.parallel
     diffusion = create_diffusion("", config.diffusion.num_timesteps)
-    tx, lr_fn, decay = make_optimizer(config.train), learning_rate(config.train), config.train.ema_decay
+    tx, lr_fn, decay, k = make_optimizer(t_cfg), learning_rate(t_cfg), t_cfg.ema_decay, int(t_cfg.grad_accum_steps)
+    fwd = functools.partial(parallel.forward, apply.graphdef, remat=p.remat, mesh=mesh,
+                            constrain_acts=p.constrain_activations)
+    scale = config.data.latent_scale
 
-    def loss_fn(params, batch, key):
-        k_t, k_noise, k_drop = jax.random.split(key, 3)
-        x0 = batch["x"]
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, diffusion.num_timesteps)
-        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        model_fn = lambda x, tt, y: apply(params, x, tt, y, drop_key=k_drop)  # label dropout (CFG training)
-        terms = diffusion.training_losses(model_fn, x0, t, noise, batch["y"])
-        return terms["loss"].mean(), {"mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+    def loss_fn(params, inputs, total):
+        x0, t, noise, y = inputs
+        terms = diffusion.training_losses(lambda x, tt, yy: fwd(params, x, tt, yy), x0, t, noise, y)
+        return terms["loss"].sum() / total, {"mse": terms["mse"].sum() / total, "vb": terms["vb"].sum() / total}
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
+        k_t, k_noise, k_drop, k_lat = jax.random.split(key, 4)
+        y = batch["y"]
+        b = y.shape[0]
+        if "moments" in batch:
+            from terdit_jax.data.latents import sample_latents
+            x0 = sample_latents(batch["moments"], k_lat, scale)
+        else:
+            x0 = batch["x"]
+        t = jax.random.randint(k_t, (b,), 0, diffusion.num_timesteps)
+        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+        if m.class_dropout_prob > 0:  # CFG training: the null class (LabelEmbedder's rule, drawn per example)
+            y = jnp.where(jax.random.uniform(k_drop, (b,)) < m.class_dropout_prob, m.num_classes, y)
+        inputs = (x0, t, noise, y)
+        if k == 1:
+            (loss, aux), grads = grad_fn(state["params"], inputs, b)
+        else:
+            # Microbatch j = rows j, j+k, j+2k, ...: each device's contiguous rows hold whole groups of k, so
+            # every microbatch stays spread over all devices of data×fsdp.
+            micro = jax.tree.map(lambda a: jnp.swapaxes(a.reshape((b // k, k) + a.shape[1:]), 0, 1), inputs)
+
+            def body(carry, mb):
+                mb = jax.tree.map(lambda a: parallel.constrain(a, mesh, ("batch",) + (None,) * (a.ndim - 1)), mb)
+                out = grad_fn(state["params"], mb, b)
+                return jax.tree.map(jnp.add, carry, out), None
+
+            zero = ((jnp.zeros(()), {"mse": jnp.zeros(()), "vb": jnp.zeros(())}),
+                    jax.tree.map(jnp.zeros_like, state["params"]))
+            ((loss, aux), grads), _ = jax.lax.scan(body, zero, micro)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state["step"]), **aux}
+        ema = jax.tree.map(lambda e, q: decay * e + (1.0 - decay) * q, state["ema"], params)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"]),
+                   "param_norm": optax.tree.norm(params), **aux}
         return {**state, "step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    _, abstract = abstract_state(config, mesh)
+    state_sh = parallel.state_shardings(abstract, mesh)
+    batch_sh = {key: parallel.batch_sharding(mesh, nd) for key, nd in batch_ndims(config).items()}
+    return jax.jit(step, donate_argnums=0, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, parallel.replicated(mesh)))
+
+
+def batch_ndims(config) -> dict[str, int]:
+    """Keys and ranks of the batches `make_data(config)` gives."""
+    return {"moments" if config.data.kind == "imagenet_latents" else "x": 4, "y": 1}
+
+
+def compile_step(step_fn, state, batch, *, log=print):
+    """AOT-compile the step for these arguments (maxtext's .lower().compile()) and print its memory per device."""
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    mem = parallel.memory_report(compiled)
+    gib = lambda v: f"{v / 2**30:.2f} GiB"  # noqa: E731
+    if mem is None:
+        log(f"compiled the train step in {time.perf_counter() - t0:.1f}s (this backend reports no memory use)")
+    else:
+        log(f"compiled the train step in {time.perf_counter() - t0:.1f}s; memory per device: {gib(mem['total'])} "
+            f"(arguments {gib(mem['argument_size'])}, outputs {gib(mem['output_size'])}, aliased "
+            f"{gib(mem['alias_size'])}, temporaries {gib(mem['temp_size'])})")
+    return compiled, mem
 
 
 class MetricsLog:
-    """metrics.jsonl (one object per logged step) plus TensorBoard events in the workdir."""
+    """metrics.jsonl (one object per logged step) plus TensorBoard events in the workdir (process 0 only)."""
 
     def __init__(self, workdir: str):
         from tensorboardX import SummaryWriter
@@ -97,67 +188,193 @@ class MetricsLog:
         self.tb.flush()
 
 
+class StepData:
+    """A source whose batches are a pure function of the step (the digits): no position to save."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def batch(self, step: int) -> dict:
+        return self.source.batch(step)
+
+    def get_state(self) -> str:
+        return ""
+
+    def set_state(self, state: str | None):
+        pass
+
+
+class GrainData:
+    """This process's grain iterator (terdit_jax.data.pipeline); its position is saved with every checkpoint."""
+
+    def __init__(self, iterator, key: str):
+        self.it, self.key = iterator, key
+
+    def batch(self, step: int) -> dict:
+        b = next(self.it)
+        return {"x" if self.key == "image" else self.key: b[self.key], "y": b["label"].astype(np.int32)}
+
+    def get_state(self) -> str:
+        s = self.it.get_state()
+        return s.decode() if isinstance(s, bytes) else json.dumps(s)
+
+    def set_state(self, state: str | None):
+        if state:
+            self.it.set_state(state.encode())
+
+
 def make_data(config, process_index: int = 0, process_count: int = 1):
-    """An object whose `batch(step)` returns this process's part of global batch `step` as numpy arrays."""
-    if config.data.kind == "digits":
+    """This process's data: `batch(step)` returns its rows of global batch `step` as numpy arrays
+    ({'x' | 'moments', 'y'}); `get_state()`/`set_state()` save and restore the position."""
+    d, t = config.data, config.train
+    if d.kind == "digits":
         from terdit_jax.data.digits import DigitBatches
-        return DigitBatches(config.train.batch_size, config.seed, process_index, process_count)
-    raise ValueError(f"config.data.kind={config.data.kind!r} is not available in this build; use 'digits'")
+        return StepData(DigitBatches(t.batch_size, config.seed, process_index, process_count))
+    if d.kind in ("imagenet_latents", "imagenet"):
+        if d.kind == "imagenet" and d.latent:
+            raise ValueError("config.data.kind='imagenet' feeds pixels; a latent model (data.latent=True) trains on "
+                             "pre-extracted latents: run --mode extract_latents and use data.kind='imagenet_latents'")
+        if not d.path:
+            raise FileNotFoundError(f"config.data.path is empty; point it at the {d.kind} data")
+        from terdit_jax.data.pipeline import make_train_iterator
+        kind = "latents" if d.kind == "imagenet_latents" else "images"
+        it = make_train_iterator(kind, d.path, image_size=d.image_size, global_batch_size=t.batch_size,
+                                 seed=config.seed, process_index=process_index, process_count=process_count,
+                                 workers=d.workers)
+        return GrainData(it, "moments" if kind == "latents" else "image")
+    raise ValueError(f"config.data.kind={d.kind!r}; use 'digits', 'imagenet_latents' or 'imagenet'")
+
+
+def _local_copy(tree):
+    """The tree on this process's first device (replicating it first where it spans other processes)."""
+    leaves = jax.tree.leaves(tree)
+    if all(getattr(a, "is_fully_addressable", True) for a in leaves):
+        return tree
+    mesh = leaves[0].sharding.mesh
+    full = jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))(tree)
+    return jax.tree.map(lambda a: a.addressable_data(0), full)
 
 
 def sample_grid(apply, params, config, path: str, key, *, per_class: int | None = None, decode=None):
-    """Write a labelled grid: sample.classes rows × per_class columns. Returns (images, labels)."""
+    """Write a labelled grid: sample.classes rows × per_class columns. Returns (images, labels) on process 0,
+    (None, labels) elsewhere. Every process must call it (a sharded model is first gathered)."""
     from terdit_jax.config import sample_labels
     labels = sample_labels(config)
     if per_class:
         labels = [k for k in dict.fromkeys(labels) for _ in range(per_class)]
+    params = _local_copy(params)
+    if not parallel.is_main_process():
+        return None, labels
     images = generate(apply, params, labels, config, key, decode=decode)
     save_grid(path, images, labels)
     return images, labels
 
 
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves and stops at the next agreed step (every step with one process; every
+    `every` steps with several, where the processes agree by an all-gather, so that all stop at the same step)."""
+
+    def __init__(self, every: int):
+        self.flag, self.every, self.old = False, max(1, every), None
+        try:
+            self.old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self.old = None
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        if step % self.every:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.flag]))))
+
+    def restore(self):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+
+
+def _check_finite(pending: list, done: int, ckpt) -> list[dict]:
+    values = jax.device_get(pending)
+    for i, v in enumerate(values):
+        if not all(np.isfinite(x) for x in v.values()):
+            bad = done - len(values) + i + 1
+            good = ckpt.latest_step()
+            raise TrainingDiverged(
+                f"loss became non-finite at step {bad} ({ {k: float(x) for k, x in v.items()} }); nothing was saved "
+                f"after it (last good checkpoint: {good if good is not None else 'none'} in {ckpt.directory}). Lower "
+                "config.train.lr, check the data, or use config.model.dtype=float32.")
+    return values
+
+
 def train(config, workdir: str, *, log=print) -> dict:
-    """Train from the newest checkpoint in `workdir` (or from scratch) up to `train.steps`. Returns paths."""
+    """Train from the newest readable checkpoint in `workdir` (or from scratch) up to `train.steps`, or until a
+    SIGTERM (then the state is saved and the result has preempted=True). Returns paths, apply and the state."""
     t = config.train
-    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), keep=t.keep_ckpts)
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    apply, state = init_state(config)
-    log(f"model {config.model.name}: {param_count(state['params']):,} parameters, linear={config.model.linear}, "
-        f"dtype={config.model.dtype}, devices={jax.devices()}")
-    start = ckpt.latest_step()
-    if start is not None:
-        state = ckpt.restore(start, jax.eval_shape(lambda: state), config.model)
-        log(f"resumed from {ckpt.directory}/{start}")
-    start = int(start or 0)
-    data, step_fn, metrics_log = make_data(config), make_train_step(apply, config), MetricsLog(workdir)
+    main = parallel.is_main_process()
+    say = log if main else (lambda *_: None)
+    mesh = parallel.create_mesh(config)
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), keep=t.keep_ckpts, keep_every=t.keep_every or None,
+                       async_save=t.async_checkpoint)
+    if main:
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    apply, abstract = abstract_state(config, mesh)
+    say(f"model {config.model.name}: {param_count(abstract['params']):,} parameters, linear={config.model.linear}, "
+        f"γ={config.model.ternary_gamma}, dtype={config.model.dtype}; mesh {dict(mesh.shape)} over "
+        f"{jax.device_count()} devices in {jax.process_count()} processes")
+    start, state = ckpt.restore_latest(abstract, config.model, fallback=t.resume_fallback, log=say)
+    data = make_data(config, jax.process_index(), jax.process_count())
+    if state is None:
+        start, state = 0, init_state(config, mesh)[1]
+    else:
+        data.set_state(ckpt.data_state(start))
+        say(f"resumed from {ckpt.directory}/{start}")
+    if t.batch_size % (parallel.batch_spec_divisor(mesh) * t.grad_accum_steps):
+        raise ValueError(f"config.train.batch_size={t.batch_size} must divide by data×fsdp "
+                         f"({parallel.batch_spec_divisor(mesh)}) × grad_accum_steps ({t.grad_accum_steps})")
+    step_fn = make_train_step(apply, config, mesh)
+    metrics_log = MetricsLog(workdir) if main else None
     key = jax.random.key(config.sample.seed)
-    pending, last_time, last_step = [], time.perf_counter(), start
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train", dynamic_ncols=True)
-    for step in bar:
-        batch = jax.tree.map(jnp.asarray, data.batch(step))
-        state, metrics = step_fn(state, batch)
-        pending.append(metrics)
-        done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
-            values = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-            pending.clear()
-            if not all(np.isfinite(v) for v in values.values()):
-                good = ckpt.latest_step()
-                raise TrainingDiverged(
-                    f"loss became non-finite ({values}) by step {done}; nothing was saved after it (last good "
-                    f"checkpoint: {good if good is not None else 'none'} in {ckpt.directory}). Lower config.train.lr, "
-                    "check the data, or use config.model.dtype=float32.")
-            now = time.perf_counter()
-            values["steps_per_s"] = (done - last_step) / (now - last_time)
-            last_time, last_step = now, done
-            metrics_log.write(done, values)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", gn=f"{values['grad_norm']:.2f}")
-        if done % t.sample_every == 0 and done != t.steps:
-            sample_grid(apply, state["ema"], config, os.path.join(workdir, "samples", f"grid_{done:07d}.png"),
-                        key, per_class=4)
-        if done % t.ckpt_every == 0 or done == t.steps:
-            ckpt.save(done, state, config.model)
-    bar.close()
-    ckpt.wait()
-    ckpt.close()
-    return {"checkpoints": ckpt.directory, "metrics": metrics_log.path, "apply": apply, "state": state}
+    preempt = _Preemption(config.parallel.preempt_check_every)
+    pending, last_time, last_step, done, preempted = [], time.perf_counter(), start, start, False
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="train", dynamic_ncols=True,
+               disable=not main)
+    try:
+        for step in bar:
+            batch = parallel.global_batch(data.batch(step), mesh, t.batch_size)
+            if step == start and t.aot_memory_report:
+                step_fn, _ = compile_step(step_fn, state, batch, log=say)
+            state, metrics = step_fn(state, batch)
+            pending.append(metrics)
+            done = step + 1
+            preempted = preempt.should_stop(done)
+            save_now = done % t.ckpt_every == 0 or done == t.steps or preempted
+            if done % t.log_every == 0 or save_now:
+                values = _check_finite(pending, done, ckpt)
+                if done % t.log_every == 0 or done == t.steps:
+                    mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+                    pending.clear()
+                    now = time.perf_counter()
+                    mean["steps_per_s"] = (done - last_step) / (now - last_time)
+                    last_time, last_step = now, done
+                    if main:
+                        metrics_log.write(done, mean)
+                        bar.set_postfix(loss=f"{mean['loss']:.4f}", gn=f"{mean['grad_norm']:.2f}")
+            if done % t.sample_every == 0 and done != t.steps and not preempted:
+                sample_grid(apply, state["ema"], config, os.path.join(workdir, "samples", f"grid_{done:07d}.png"),
+                            key, per_class=4)
+            if save_now:
+                ckpt.save(done, state, config.model, data_state=data.get_state())
+            if preempted:
+                say(f"SIGTERM: saved step {done} in {ckpt.directory}; stopping")
+                break
+    finally:
+        preempt.restore()
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+    return {"checkpoints": ckpt.directory, "metrics": os.path.join(workdir, "metrics.jsonl"), "apply": apply,
+            "state": state, "step": done, "preempted": preempted, "mesh": mesh}

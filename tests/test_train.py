@@ -1,0 +1,116 @@
+"""Training: the loss falls, NaN stops training without a checkpoint after it, and exact
+resume (model, EMA, optimizer, RNG and the grain iterator position) on pre-extracted latents."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_parallel import CACHE, tiny_config  # noqa: E402
+
+from terdit_jax import parallel, train as T  # noqa: E402
+from terdit_jax.checkpoint import Checkpoints  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache():
+    """Reuse compiled steps across runs of the same config (same HLO) through JAX's persistent cache."""
+    from jax._src import compilation_cache as cc
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cc.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    cc.reset_cache()
+
+
+def quiet(*_):
+    pass
+
+
+def test_loss_falls_on_a_fixed_batch():
+    c = (tiny_config())
+    mesh = parallel.create_mesh(c)
+    apply, state = T.init_state(c, mesh)
+    from terdit_jax.data.digits import DigitBatches
+    batch = parallel.global_batch(DigitBatches(8, 0).batch(0), mesh, 8)
+    step = T.make_train_step(apply, c, mesh)
+    losses = []
+    for _ in range(30):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+class NaNAt:
+    """Wraps make_data's source: the batch of step `bad` is NaN."""
+
+    def __init__(self, inner, bad):
+        self.inner, self.bad = inner, bad
+
+    def batch(self, step):
+        b = self.inner.batch(step)
+        return {**b, "x": b["x"] * np.nan} if step == self.bad else b
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, s):
+        self.inner.set_state(s)
+
+
+def test_nan_loss_raises_and_writes_no_checkpoint_after_it(tmp_path, monkeypatch):
+    make = T.make_data
+    monkeypatch.setattr(T, "make_data", lambda *a, **k: NaNAt(make(*a, **k), bad=2))  # step index 2 = step 3
+    c = tiny_config(steps=8, ckpt_every=2, log_every=100)
+    with pytest.raises(T.TrainingDiverged, match="at step 3"):
+        T.train(c, str(tmp_path), log=quiet)
+    ck = Checkpoints(str(tmp_path / "checkpoints"))
+    assert ck.steps() == [2]
+    ck.close()
+
+
+def write_latents(path, n=24, size=32):
+    """A tiny latent data set through the real extractor; the 'encoder' is a fixed 8×8 average pool + linear map
+    (a data fixture, not a VAE)."""
+    from terdit_jax.data.latents import extract_latents
+    rng = np.random.default_rng(0)
+    source = [{"image": rng.integers(0, 256, (size, size, 3), np.uint8), "label": int(i % 10)} for i in range(n)]
+    proj = rng.normal(size=(3, 4)).astype(np.float32)
+
+    def encode(x):
+        b = x.shape[0]
+        pooled = x.reshape(b, size // 8, 8, size // 8, 8, 3).mean((2, 4))
+        return np.concatenate([pooled @ proj, np.full(pooled.shape[:3] + (4,), -2.0, np.float32)], -1)
+
+    extract_latents(source, encode, str(path), image_size=size, batch_size=8, records_per_shard=10, progress=False,
+                    threads=1)
+
+
+def latent_config(path, **train):
+    c = tiny_config(**train)
+    c.model.in_channels, c.model.patch_size = 4, 1
+    c.data.kind, c.data.path, c.data.image_size, c.data.latent, c.data.workers = "imagenet_latents", str(path), 32, True, 0
+    from terdit_jax.config import finalize
+    return finalize(c)
+
+
+def test_resume_is_bitwise_exact_with_the_data_position(tmp_path):
+    write_latents(tmp_path / "latents")
+    straight = T.train(latent_config(tmp_path / "latents", steps=6, ckpt_every=3), str(tmp_path / "a"), log=quiet)
+    T.train(latent_config(tmp_path / "latents", steps=3, ckpt_every=3), str(tmp_path / "b"), log=quiet)
+    resumed = T.train(latent_config(tmp_path / "latents", steps=6, ckpt_every=3), str(tmp_path / "b"), log=quiet)
+    assert resumed["step"] == 6
+    for key in ("params", "ema", "opt_state", "step", "rng"):
+        for x, y in zip(jax.tree.leaves(straight["state"][key]), jax.tree.leaves(resumed["state"][key])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=key)
+    # and the stored iterator position is the one after step 3, not the start
+    ck = Checkpoints(str(tmp_path / "b" / "checkpoints"))
+    assert ck.steps() == [3, 6] and ck.data_state(3) and ck.data_state(3) != ck.data_state(6)
+    ck.close()
