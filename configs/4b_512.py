@@ -11,4 +11,6 @@ def get_config():
     c.data.image_size = 512
     c.train.steps = 1_360_000  # ≈ 696M images at batch 512 (Table 1)
     c.train.batch_size = 512
+    c.train.init_from = ""  # set to the 256 px run's workdir to continue from it, as the paper does
+    c.parallel.remat = "dots"  # 1024 tokens per image: keep activations within 80 GB devices
     return c

@@ -110,12 +110,14 @@ class Checkpoints:
                                   "data per process, so resume with the same process count")
         return states[jax.process_index()]
 
-    def restore(self, step: int, abstract_state, model_cfg):
-        """Restore `step` onto the structure (and shardings) of `abstract_state`; checks the architecture first.
+    def restore(self, step: int, abstract_state, model_cfg, *, ignore: tuple[str, ...] = ()):
+        """Restore `step` onto the structure (and shardings) of `abstract_state`; checks the architecture first
+        (model fields in `ignore` may differ, e.g. input_size when a 512 px run starts from 256 px weights).
         The shardings may come from another mesh than the one that saved it (Orbax reshards on read)."""
         saved = self.meta(step).get("model", {})
         want = _model_signature(model_cfg)
-        diff = {k: (saved.get(k), want.get(k)) for k in set(saved) | set(want) if saved.get(k) != want.get(k)}
+        diff = {k: (saved.get(k), want.get(k)) for k in set(saved) | set(want)
+                if saved.get(k) != want.get(k) and k not in ignore}
         if diff:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is a different architecture "

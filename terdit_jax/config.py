@@ -43,11 +43,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     d.kind = "imagenet_latents"  # "digits" | "imagenet_latents" | "imagenet"
-    d.path = ""
+    d.path = ""  # what training reads: latent shards (imagenet_latents) or images (imagenet)
     d.image_size = 256
     d.latent = True  # model input is the SD-VAE latent (image_size / 8); False = pixel space
     d.latent_scale = 0.18215
-    d.vae_path = ""
+    d.vae_path = ""  # diffusers SD-VAE folder (sd-vae-ft-ema): --mode extract_latents and decoding samples
+    d.image_path = ""  # ImageNet train images (tar, folder, tfds or converted ArrayRecord) for extract_latents
+    d.extract_batch_size = 64
     d.workers = 8
 
     c.diffusion = ml_collections.ConfigDict()
@@ -67,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.sample_every = 10_000
     t.ckpt_every = 10_000
     t.keep_ckpts = 3
+    t.init_from = ""  # workdir of another run whose newest params/EMA start this one (e.g. 512 px from 256 px)
     t.keep_every = 0  # also keep every checkpoint whose step is a multiple of this; 0 = only the newest keep_ckpts
     t.async_checkpoint = True
     t.resume_fallback = True  # a corrupt newest checkpoint is moved aside and the next older one restored

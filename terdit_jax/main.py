@@ -16,7 +16,7 @@ from ml_collections import config_flags
 import terdit_jax.configs as _configs
 
 _DEMO = os.path.join(os.path.dirname(_configs.__file__), "demo.py")
-MODES = ("train", "sample", "eval", "export", "export_orbax")
+MODES = ("train", "sample", "eval", "export", "export_orbax", "extract_latents")
 
 FLAGS = flags.FLAGS
 
@@ -72,6 +72,26 @@ def _check_workdir(workdir: str):
         raise PermissionError(f"cannot write to workdir {workdir!r} ({e.strerror}); pass a writable --workdir") from e
 
 
+def extract_latents(config, *, log=print) -> dict:
+    """--mode extract_latents: data.image_path → SD-VAE moments of every image and its mirror in data.path."""
+    import jax
+    import numpy as np
+
+    from terdit_jax.data.latents import extract_latents as extract
+    from terdit_jax.vae import load_vae
+
+    d = config.data
+    if not (d.image_path and d.path and d.vae_path):
+        raise FileNotFoundError("extract_latents needs --config.data.image_path (ImageNet train images), "
+                                "--config.data.path (where the latent shards go) and --config.data.vae_path")
+    vae = load_vae(d.vae_path, dtype=jax.numpy.dtype(config.model.dtype))
+    encode = jax.jit(vae.encode)
+    log(f"encoding {d.image_path} at {d.image_size} px into {d.path} (resumable) ...")
+    return extract(d.image_path, lambda x: np.asarray(encode(x)), d.path, image_size=d.image_size,
+                   batch_size=d.extract_batch_size, process_index=jax.process_index(),
+                   process_count=jax.process_count())
+
+
 def run(config, workdir: str, mode: str):
     from terdit_jax import sample as sampling, train as training
     from terdit_jax.config import finalize
@@ -99,6 +119,10 @@ def run(config, workdir: str, mode: str):
         report = run_eval_mode(config, workdir, log=_say)
         _say(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=1))
         _say(f"report: {report['report']}")
+    elif mode == "extract_latents":
+        manifest = extract_latents(config, log=_say)
+        _say(f"latents: {config.data.path} ({manifest.get('num_records', '?')} records, complete: "
+             f"{manifest.get('complete')}); train with --config.data.kind=imagenet_latents")
     elif mode == "export_orbax":
         from terdit_jax.checkpoint import export_orbax
         out = export_orbax(config, workdir, FLAGS.out or os.path.join(workdir, "export_orbax"), config.sample.step,

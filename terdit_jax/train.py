@@ -16,7 +16,7 @@ import optax
 from tqdm.auto import tqdm
 
 from terdit_jax import parallel
-from terdit_jax.checkpoint import Checkpoints
+from terdit_jax.checkpoint import CheckpointError, Checkpoints
 from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.model_fn import abstract_model, init_model, param_count
 from terdit_jax.sample import generate, save_grid
@@ -310,6 +310,22 @@ def _check_finite(pending: list, done: int, ckpt) -> list[dict]:
     return values
 
 
+def _init_from(source_workdir: str, state, abstract, config, *, log=print):
+    """Start from the params and EMA of the newest checkpoint of another run (fresh optimizer, step 0).
+
+    Only the resolution may differ: the model has no absolute position table (RoPE covers any length), which
+    is how the paper continues TerDiT-4.2B from 256 px to 512 px."""
+    src = Checkpoints(os.path.join(source_workdir, "checkpoints"), async_save=False)
+    step = src.latest_step()
+    if step is None:
+        raise CheckpointError(f"config.train.init_from={source_workdir!r} has no checkpoint in {src.directory}")
+    restored = src.restore(step, abstract, config.model, ignore=("input_size",))
+    src.close()
+    log(f"initialised params and EMA from {src.directory}/{step} (input size "
+        f"{src.meta(step)['model'].get('input_size')} → {config.model.input_size})")
+    return {**state, "params": restored["params"], "ema": restored["ema"]}
+
+
 def train(config, workdir: str, *, log=print) -> dict:
     """Train from the newest readable checkpoint in `workdir` (or from scratch) up to `train.steps`, or until a
     SIGTERM (then the state is saved and the result has preempted=True). Returns paths, apply and the state."""
@@ -329,6 +345,8 @@ def train(config, workdir: str, *, log=print) -> dict:
     data = make_data(config, jax.process_index(), jax.process_count())
     if state is None:
         start, state = 0, init_state(config, mesh)[1]
+        if t.init_from:
+            state = _init_from(t.init_from, state, abstract, config, log=say)
     else:
         data.set_state(ckpt.data_state(start))
         say(f"resumed from {ckpt.directory}/{start}")

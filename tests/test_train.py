@@ -114,3 +114,27 @@ def test_resume_is_bitwise_exact_with_the_data_position(tmp_path):
     ck = Checkpoints(str(tmp_path / "b" / "checkpoints"))
     assert ck.steps() == [3, 6] and ck.data_state(3) and ck.data_state(3) != ck.data_state(6)
     ck.close()
+
+
+def test_a_higher_resolution_run_starts_from_lower_resolution_weights(tmp_path):
+    """The paper's 256 → 512 px continuation, in pixel space: 28 px weights start a 56 px run (RoPE, no position
+    table), the loaded weights are the ones used, and the model runs at the new size."""
+    from terdit_jax.config import finalize
+    low = T.train(tiny_config(steps=2, ckpt_every=2), str(tmp_path / "low"), log=quiet)
+    c = tiny_config(init_from=str(tmp_path / "low"))
+    c.data.image_size = 56
+    c = finalize(c)
+    apply, abstract = T.abstract_state(c)
+    fresh = T.init_state(c)[1]
+    state = T._init_from(c.train.init_from, fresh, abstract, c, log=quiet)
+    for key in ("params", "ema"):
+        for x, y in zip(jax.tree.leaves(state[key]), jax.tree.leaves(low["state"][key])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    x = jax.random.normal(jax.random.key(0), (2, 56, 56, 1))
+    out = apply(state["params"], x, jnp.array([10, 500]), jnp.array([3, 7]))
+    assert out.shape == (2, 56, 56, 2) and np.isfinite(np.asarray(out)).all()
+    assert np.abs(np.asarray(out)).max() > 0  # a fresh model's zero-initialised final layer would give exactly 0
+    other = tiny_config(init_from=str(tmp_path / "low"))
+    other.model.dim = 64
+    with pytest.raises(Exception, match="different architecture"):
+        T._init_from(str(tmp_path / "low"), fresh, T.abstract_state(finalize(other))[1], finalize(other), log=quiet)
