@@ -19,58 +19,58 @@ from terdit_jax.data.pipeline import make_train_iterator
 
 
 class RandomImages:
-  """n random uint8 (S, S, 3) images, made per index so nothing large sits in memory."""
+    """n random uint8 (S, S, 3) images, made per index so nothing large sits in memory."""
 
-  def __init__(self, n, size):
-    self.n, self.size = n, size
+    def __init__(self, n, size):
+        self.n, self.size = n, size
 
-  def __len__(self):
-    return self.n
+    def __len__(self):
+        return self.n
 
-  def __getitem__(self, i):
-    rng = np.random.default_rng(i)
-    return {"image": rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8), "label": i % 1000}
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        return {"image": rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8), "label": i % 1000}
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--records", type=int, default=4096)
-  p.add_argument("--image_size", type=int, default=256)
-  p.add_argument("--batch", type=int, default=256, help="per-host batch")
-  p.add_argument("--steps", type=int, default=40)
-  p.add_argument("--workers", default="0,2", help="comma-separated grain worker counts to time")
-  p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-  a = p.parse_args()
-  h = a.image_size // 8
-  rng = np.random.default_rng(0)
+    p = argparse.ArgumentParser()
+    p.add_argument("--records", type=int, default=4096)
+    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=256, help="per-host batch")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--workers", default="0,2", help="comma-separated grain worker counts to time")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    a = p.parse_args()
+    h = a.image_size // 8
+    rng = np.random.default_rng(0)
 
-  def encode(x):  # stands in for the VAE: only the shape matters for reading speed
-    return rng.standard_normal((x.shape[0], h, h, 8), dtype=np.float32)
+    def encode(x):  # stands in for the VAE: only the shape matters for reading speed
+        return rng.standard_normal((x.shape[0], h, h, 8), dtype=np.float32)
 
-  with tempfile.TemporaryDirectory() as d:
-    t = time.perf_counter()
-    m = extract_latents(RandomImages(a.records, a.image_size), encode, d, image_size=a.image_size, batch_size=64,
-                        records_per_shard=1024, dtype=a.dtype, progress=False)
-    setup_s = time.perf_counter() - t
-    shard_bytes = sum(os.path.getsize(os.path.join(d, s)) for s in m["shards"])
-    results = []
-    for w in (int(x) for x in a.workers.split(",")):
-      it = make_train_iterator("latents", d, image_size=a.image_size, global_batch_size=a.batch, seed=0,
-                               process_index=0, process_count=1, workers=w)
-      for _ in range(3):  # worker start-up and first reads
-        next(it)
-      t = time.perf_counter()
-      for _ in range(a.steps):
-        b = next(it)
-      dt = time.perf_counter() - t
-      assert b["moments"].shape == (a.batch, h, h, 8)
-      results.append({"workers": w, "latents_per_s_per_host": round(a.steps * a.batch / dt, 1),
-                      "batches_per_s": round(a.steps / dt, 2)})
-  print(json.dumps({"benchmark": "latent_throughput", "records": a.records, "moments_shape": m["moments_shape"],
-                    "dtype": a.dtype, "bytes_per_record": round(shard_bytes / m["num_records"]), "batch": a.batch,
-                    "steps": a.steps, "setup_s": round(setup_s, 1), "cpus": os.cpu_count(),
-                    "machine": platform.node() or platform.machine(), "results": results}))
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        m = extract_latents(RandomImages(a.records, a.image_size), encode, d, image_size=a.image_size, batch_size=64,
+                            records_per_shard=1024, dtype=a.dtype, progress=False)
+        setup_s = time.perf_counter() - t
+        shard_bytes = sum(os.path.getsize(os.path.join(d, s)) for s in m["shards"])
+        results = []
+        for w in (int(x) for x in a.workers.split(",")):
+            it = make_train_iterator("latents", d, image_size=a.image_size, global_batch_size=a.batch, seed=0,
+                                     process_index=0, process_count=1, workers=w)
+            for _ in range(3):  # worker start-up and first reads
+                next(it)
+            t = time.perf_counter()
+            for _ in range(a.steps):
+                b = next(it)
+            dt = time.perf_counter() - t
+            assert b["moments"].shape == (a.batch, h, h, 8)
+            results.append({"workers": w, "latents_per_s_per_host": round(a.steps * a.batch / dt, 1),
+                            "batches_per_s": round(a.steps / dt, 2)})
+    print(json.dumps({"benchmark": "latent_throughput", "records": a.records, "moments_shape": m["moments_shape"],
+                      "dtype": a.dtype, "bytes_per_record": round(shard_bytes / m["num_records"]), "batch": a.batch,
+                      "steps": a.steps, "setup_s": round(setup_s, 1), "cpus": os.cpu_count(),
+                      "machine": platform.node() or platform.machine(), "results": results}))
 
 
 if __name__ == "__main__":
-  main()
+    main()

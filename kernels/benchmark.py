@@ -35,71 +35,71 @@ SWEEPS = {
 
 
 def layer_shapes(model: str) -> list[tuple[str, int, int]]:
-  """(name, K, N) of the distinct ternary linears of one model; 'toy' is a 256 x 256 layer for CPU tests."""
-  if model == "toy":
-    return [("toy", 256, 256)]
-  d, f, c = MODELS[model]
-  return [("attn_qkvo", d, d), ("ffn_w1_w3", d, f), ("ffn_w2", f, d), ("adaLN", c, 6 * d)]
+    """(name, K, N) of the distinct ternary linears of one model; 'toy' is a 256 x 256 layer for CPU tests."""
+    if model == "toy":
+        return [("toy", 256, 256)]
+    d, f, c = MODELS[model]
+    return [("attn_qkvo", d, d), ("ffn_w1_w3", d, f), ("ffn_w2", f, d), ("adaLN", c, 6 * d)]
 
 
 def _time_ms(fn, args, iters: int, repeats: int = 3) -> float:
-  """Best of ``repeats`` means over ``iters`` back-to-back calls (min filters scheduler noise)."""
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - t0) * 1e3 / iters)
-  return best
+    """Best of ``repeats`` means over ``iters`` back-to-back calls (min filters scheduler noise)."""
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - t0) * 1e3 / iters)
+    return best
 
 
 def run(sweep: str = "full", backend: str = "auto", interpret: bool = False,
         acts: tuple[str, ...] = ("bf16", "int8"), iters: int = 20, seed: int = 0) -> dict:
-  """Time every (model, layer, M, act) of a sweep; returns the JSON-ready report."""
-  ms, models = SWEEPS[sweep]
-  resolved = resolve_backend(backend, interpret)
-  dev = jax.devices()[0]
-  rng = np.random.default_rng(seed)
-  dense = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
-  rows = []
-  for model in models:
-    for name, k, n in layer_shapes(model):
-      w_t = rng.integers(-1, 2, size=(k, n), dtype=np.int8)
-      packed = jnp.asarray(pack(w_t))
-      w_bf16 = jnp.asarray(w_t, jnp.bfloat16) * jnp.bfloat16(0.5)
-      alpha = jnp.float32(0.5)
-      for m in ms:
-        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-        base = _time_ms(dense, (x, w_bf16), iters)
-        for act in acts:
-          fn = lambda x, p, a, act=act: ternary_matmul(x, p, a, k=k, act_dtype=act, backend=resolved,
-                                                       interpret=interpret)
-          t = _time_ms(fn, (x, packed, alpha), iters)
-          rows.append(dict(model=model, layer=name, M=m, K=k, N=n, act=act, kernel_ms=round(t, 5),
-                           xla_bf16_ms=round(base, 5), speedup=round(base / t, 4)))
-  return dict(
-      device=dev.device_kind, platform=dev.platform, jax_version=jax.__version__,
-      backend=resolved, interpret=interpret, pack_format=PACK_FORMAT, sweep=sweep, iters=iters,
-      baseline="jnp.dot bf16 x bf16 -> f32 -> bf16 (dense weights), same run",
-      weight_bytes_per_param={"packed": 0.25, "bf16": 2.0}, results=rows)
+    """Time every (model, layer, M, act) of a sweep; returns the JSON-ready report."""
+    ms, models = SWEEPS[sweep]
+    resolved = resolve_backend(backend, interpret)
+    dev = jax.devices()[0]
+    rng = np.random.default_rng(seed)
+    dense = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+    rows = []
+    for model in models:
+        for name, k, n in layer_shapes(model):
+            w_t = rng.integers(-1, 2, size=(k, n), dtype=np.int8)
+            packed = jnp.asarray(pack(w_t))
+            w_bf16 = jnp.asarray(w_t, jnp.bfloat16) * jnp.bfloat16(0.5)
+            alpha = jnp.float32(0.5)
+            for m in ms:
+                x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+                base = _time_ms(dense, (x, w_bf16), iters)
+                for act in acts:
+                    fn = lambda x, p, a, act=act: ternary_matmul(x, p, a, k=k, act_dtype=act, backend=resolved,
+                                                                 interpret=interpret)
+                    t = _time_ms(fn, (x, packed, alpha), iters)
+                    rows.append(dict(model=model, layer=name, M=m, K=k, N=n, act=act, kernel_ms=round(t, 5),
+                                     xla_bf16_ms=round(base, 5), speedup=round(base / t, 4)))
+    return dict(
+        device=dev.device_kind, platform=dev.platform, jax_version=jax.__version__,
+        backend=resolved, interpret=interpret, pack_format=PACK_FORMAT, sweep=sweep, iters=iters,
+        baseline="jnp.dot bf16 x bf16 -> f32 -> bf16 (dense weights), same run",
+        weight_bytes_per_param={"packed": 0.25, "bf16": 2.0}, results=rows)
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--sweep", choices=sorted(SWEEPS), default="full")
-  ap.add_argument("--backend", choices=("auto", "pallas", "xla"), default="auto")
-  ap.add_argument("--interpret", action="store_true", help="run the Pallas kernel in the interpreter")
-  ap.add_argument("--acts", default="bf16,int8", help="comma list of bf16, f32, int8")
-  ap.add_argument("--iters", type=int, default=20)
-  a = ap.parse_args(argv)
-  report = run(a.sweep, a.backend, a.interpret, tuple(a.acts.split(",")), a.iters)
-  json.dump(report, sys.stdout, indent=1)
-  sys.stdout.write("\n")
-  return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", choices=sorted(SWEEPS), default="full")
+    ap.add_argument("--backend", choices=("auto", "pallas", "xla"), default="auto")
+    ap.add_argument("--interpret", action="store_true", help="run the Pallas kernel in the interpreter")
+    ap.add_argument("--acts", default="bf16,int8", help="comma list of bf16, f32, int8")
+    ap.add_argument("--iters", type=int, default=20)
+    a = ap.parse_args(argv)
+    report = run(a.sweep, a.backend, a.interpret, tuple(a.acts.split(",")), a.iters)
+    json.dump(report, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

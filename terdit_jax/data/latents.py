@@ -31,132 +31,132 @@ SD_VAE_SCALE = 0.18215  # Stable Diffusion VAE latent scale, as in DiT/TerDiT tr
 
 
 def _crop(source, i: int, image_size: int):
-  item = source[i]
-  if item["image"] is None:  # the source already counted and logged it
-    return None
-  return center_crop_arr(decode_rgb(item["image"]), image_size), int(item["label"])
+    item = source[i]
+    if item["image"] is None:  # the source already counted and logged it
+        return None
+    return center_crop_arr(decode_rgb(item["image"]), image_size), int(item["label"])
 
 
 def extract_latents(source, encode_fn: Callable[[np.ndarray], np.ndarray], out_dir: str, *, image_size: int,
                     batch_size: int = 32, records_per_shard: int = 2048, dtype: str = "float32", threads: int = 8,
                     process_index: int = 0, process_count: int = 1, progress: bool = True) -> dict:
-  """Encodes every image of ``source`` and its horizontal flip to VAE moments in ArrayRecord shards.
+    """Encodes every image of ``source`` and its horizontal flip to VAE moments in ArrayRecord shards.
 
-  Args:
-    source: an ImageNet path (any layout ``imagenet.open_image_source`` reads) or a random-access sequence of
-      ``{'image': uint8 (H, W, 3) or None, 'label': int}``.
-    encode_fn: maps float32 (2B, S, S, 3) in [-1, 1] to moments (2B, S/8, S/8, 8) (mean channels first, as
-      diffusers' DiagonalGaussianDistribution splits them). Called with a fixed batch (padded) so jit compiles once.
-    out_dir: shard directory; an interrupted run resumes there, skipping finished shards.
-    image_size: ADM center-crop size S.
-    records_per_shard: source images per shard (corrupt ones are skipped and counted in the sidecar).
-    dtype: 'float32' or 'float16' storage (float16 halves disk but rounds the mean more than the posterior std).
-    process_index, process_count: this process encodes shards k with k % process_count == process_index.
-  Returns the manifest; it has ``complete: True`` once all shards (from all processes) exist.
-  """
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  if dtype not in ("float32", "float16"):
-    raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-  if image_size % 8:
-    raise ValueError(f"image_size must be a multiple of 8 (the VAE downsamples 8x), got {image_size}")
-  if isinstance(source, (str, os.PathLike)):
-    source = imagenet.open_image_source(str(source))
-  n = len(source)
-  num_shards = math.ceil(n / records_per_shard)
-  os.makedirs(out_dir, exist_ok=True)
-  plan = {"kind": LATENTS_KIND, "image_size": image_size, "records_per_shard": records_per_shard,
-          "num_source": n, "num_shards": num_shards, "dtype": dtype, "scale": SD_VAE_SCALE, "complete": False,
-          "layout": "moments[view, h, w, c]: view 0 image, 1 mirrored; c 0-3 mean, 4-7 logvar"}
-  mpath = os.path.join(out_dir, "manifest.json")
-  if os.path.isfile(mpath):
-    old = imagenet.read_json(mpath)
-    changed = [k for k in ("kind", "image_size", "records_per_shard", "num_source", "dtype") if old.get(k) != plan[k]]
-    if changed:
-      raise ValueError(f"{out_dir} already holds latents made with other settings ({', '.join(changed)}: "
-                       f"{[old.get(k) for k in changed]} vs {[plan[k] for k in changed]}). Use an empty out_dir.")
-    if old.get("complete"):
-      return old
-  else:
-    imagenet.write_json(mpath, plan)
-  names = [f"latents-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
-  todo = [k for k in range(process_index, num_shards, process_count) if not os.path.isfile(os.path.join(out_dir, names[k]))]
-  mine = len(range(process_index, num_shards, process_count))
-  done_imgs = (mine - len(todo)) * records_per_shard
-  total = sum(min(records_per_shard, n - k * records_per_shard) for k in range(process_index, num_shards, process_count))
-  bar = tqdm(total=total, initial=min(done_imgs, total), desc="extract latents", unit="img", disable=not progress)
-  pool = concurrent.futures.ThreadPoolExecutor(threads)  # PIL decode/resize release the GIL
-  for k in todo:
-    idx = range(k * records_per_shard, min((k + 1) * records_per_shard, n))
-    crops = list(pool.map(lambda i: _crop(source, i, image_size), idx))
-    good = [c for c in crops if c is not None]
-    records, shape = [], None
-    for b in range(0, len(good), batch_size):
-      chunk = good[b:b + batch_size]
-      x = to_float(np.stack([c[0] for c in chunk]))
-      x = np.concatenate([x, np.zeros((batch_size - len(chunk),) + x.shape[1:], np.float32)])  # fixed jit shape
-      m = np.asarray(encode_fn(np.concatenate([x, hflip(x)])))
-      want = (2 * batch_size, image_size // 8, image_size // 8, 8)
-      if m.shape != want:
-        raise ValueError(f"encode_fn returned moments of shape {m.shape}, expected {want} "
-                         "(4 mean then 4 log-variance channels at 1/8 resolution, NHWC).")
-      m = np.stack([m[:batch_size], m[batch_size:]], axis=1)[:len(chunk)].astype(dtype)  # (B, 2, h, w, 8)
-      shape = list(m.shape[1:])
-      records += [msgpack.packb({"m": mi.tobytes(), "shape": shape, "label": c[1]}) for mi, c in zip(m, chunk)]
-    imagenet.write_array_record(os.path.join(out_dir, names[k]), records,
-                                {"records": len(records), "skipped": len(idx) - len(good), "moments_shape": shape})
-    bar.update(len(idx))
-  bar.close()
-  pool.shutdown()
-  if not all(os.path.isfile(os.path.join(out_dir, s)) for s in names):
-    return dict(plan, shards_done=sum(os.path.isfile(os.path.join(out_dir, s)) for s in names))
-  metas = [imagenet.read_json(os.path.join(out_dir, s + ".json")) for s in names]
-  shapes = {tuple(m["moments_shape"]) for m in metas if m["moments_shape"]}
-  if len(shapes) != 1:
-    raise ValueError(f"{out_dir}: shards disagree on the latent shape {shapes} (or hold no images); delete them and extract again.")
-  manifest = dict(plan, complete=True, shards=names, moments_shape=list(shapes.pop()),
-                  num_records=sum(m["records"] for m in metas), num_skipped=sum(m["skipped"] for m in metas))
-  imagenet.write_json(mpath, manifest)
-  log.info("extracted %d latents (%d corrupt skipped) into %s", manifest["num_records"], manifest["num_skipped"], out_dir)
-  return manifest
+    Args:
+      source: an ImageNet path (any layout ``imagenet.open_image_source`` reads) or a random-access sequence of
+        ``{'image': uint8 (H, W, 3) or None, 'label': int}``.
+      encode_fn: maps float32 (2B, S, S, 3) in [-1, 1] to moments (2B, S/8, S/8, 8) (mean channels first, as
+        diffusers' DiagonalGaussianDistribution splits them). Called with a fixed batch (padded) so jit compiles once.
+      out_dir: shard directory; an interrupted run resumes there, skipping finished shards.
+      image_size: ADM center-crop size S.
+      records_per_shard: source images per shard (corrupt ones are skipped and counted in the sidecar).
+      dtype: 'float32' or 'float16' storage (float16 halves disk but rounds the mean more than the posterior std).
+      process_index, process_count: this process encodes shards k with k % process_count == process_index.
+    Returns the manifest; it has ``complete: True`` once all shards (from all processes) exist.
+    """
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    if image_size % 8:
+        raise ValueError(f"image_size must be a multiple of 8 (the VAE downsamples 8x), got {image_size}")
+    if isinstance(source, (str, os.PathLike)):
+        source = imagenet.open_image_source(str(source))
+    n = len(source)
+    num_shards = math.ceil(n / records_per_shard)
+    os.makedirs(out_dir, exist_ok=True)
+    plan = {"kind": LATENTS_KIND, "image_size": image_size, "records_per_shard": records_per_shard,
+            "num_source": n, "num_shards": num_shards, "dtype": dtype, "scale": SD_VAE_SCALE, "complete": False,
+            "layout": "moments[view, h, w, c]: view 0 image, 1 mirrored; c 0-3 mean, 4-7 logvar"}
+    mpath = os.path.join(out_dir, "manifest.json")
+    if os.path.isfile(mpath):
+        old = imagenet.read_json(mpath)
+        changed = [k for k in ("kind", "image_size", "records_per_shard", "num_source", "dtype") if old.get(k) != plan[k]]
+        if changed:
+            raise ValueError(f"{out_dir} already holds latents made with other settings ({', '.join(changed)}: "
+                             f"{[old.get(k) for k in changed]} vs {[plan[k] for k in changed]}). Use an empty out_dir.")
+        if old.get("complete"):
+            return old
+    else:
+        imagenet.write_json(mpath, plan)
+    names = [f"latents-{k:05d}-of-{num_shards:05d}.array_record" for k in range(num_shards)]
+    todo = [k for k in range(process_index, num_shards, process_count) if not os.path.isfile(os.path.join(out_dir, names[k]))]
+    mine = len(range(process_index, num_shards, process_count))
+    done_imgs = (mine - len(todo)) * records_per_shard
+    total = sum(min(records_per_shard, n - k * records_per_shard) for k in range(process_index, num_shards, process_count))
+    bar = tqdm(total=total, initial=min(done_imgs, total), desc="extract latents", unit="img", disable=not progress)
+    pool = concurrent.futures.ThreadPoolExecutor(threads)  # PIL decode/resize release the GIL
+    for k in todo:
+        idx = range(k * records_per_shard, min((k + 1) * records_per_shard, n))
+        crops = list(pool.map(lambda i: _crop(source, i, image_size), idx))
+        good = [c for c in crops if c is not None]
+        records, shape = [], None
+        for b in range(0, len(good), batch_size):
+            chunk = good[b:b + batch_size]
+            x = to_float(np.stack([c[0] for c in chunk]))
+            x = np.concatenate([x, np.zeros((batch_size - len(chunk),) + x.shape[1:], np.float32)])  # fixed jit shape
+            m = np.asarray(encode_fn(np.concatenate([x, hflip(x)])))
+            want = (2 * batch_size, image_size // 8, image_size // 8, 8)
+            if m.shape != want:
+                raise ValueError(f"encode_fn returned moments of shape {m.shape}, expected {want} "
+                                 "(4 mean then 4 log-variance channels at 1/8 resolution, NHWC).")
+            m = np.stack([m[:batch_size], m[batch_size:]], axis=1)[:len(chunk)].astype(dtype)  # (B, 2, h, w, 8)
+            shape = list(m.shape[1:])
+            records += [msgpack.packb({"m": mi.tobytes(), "shape": shape, "label": c[1]}) for mi, c in zip(m, chunk)]
+        imagenet.write_array_record(os.path.join(out_dir, names[k]), records,
+                                    {"records": len(records), "skipped": len(idx) - len(good), "moments_shape": shape})
+        bar.update(len(idx))
+    bar.close()
+    pool.shutdown()
+    if not all(os.path.isfile(os.path.join(out_dir, s)) for s in names):
+        return dict(plan, shards_done=sum(os.path.isfile(os.path.join(out_dir, s)) for s in names))
+    metas = [imagenet.read_json(os.path.join(out_dir, s + ".json")) for s in names]
+    shapes = {tuple(m["moments_shape"]) for m in metas if m["moments_shape"]}
+    if len(shapes) != 1:
+        raise ValueError(f"{out_dir}: shards disagree on the latent shape {shapes} (or hold no images); delete them and extract again.")
+    manifest = dict(plan, complete=True, shards=names, moments_shape=list(shapes.pop()),
+                    num_records=sum(m["records"] for m in metas), num_skipped=sum(m["skipped"] for m in metas))
+    imagenet.write_json(mpath, manifest)
+    log.info("extracted %d latents (%d corrupt skipped) into %s", manifest["num_records"], manifest["num_skipped"], out_dir)
+    return manifest
 
 
 class LatentSource:
-  """Random-access reader of extracted latents: ``src[i] -> {'moments': float32 (2, h, w, 8), 'label': int32}``."""
+    """Random-access reader of extracted latents: ``src[i] -> {'moments': float32 (2, h, w, 8), 'label': int32}``."""
 
-  def __init__(self, path: str, image_size: int | None = None):
-    import grain.python as grain  # pylint: disable=import-outside-toplevel
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"latent directory {path!r} does not exist; create it with --mode extract_latents.")
-    m = imagenet.read_manifest(path, LATENTS_KIND)
-    if image_size is not None and m["image_size"] != image_size:
-      raise ValueError(f"latents in {path} were extracted at {m['image_size']} px but image_size={image_size}; "
-                       "extract again at this size or change the config.")
-    self.path, self.shape, self.dtype = path, tuple(m["moments_shape"]), np.dtype(m["dtype"])
-    self.manifest = m
-    self._base = grain.ArrayRecordDataSource([os.path.join(path, s) for s in m["shards"]])
+    def __init__(self, path: str, image_size: int | None = None):
+        import grain.python as grain  # pylint: disable=import-outside-toplevel
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"latent directory {path!r} does not exist; create it with --mode extract_latents.")
+        m = imagenet.read_manifest(path, LATENTS_KIND)
+        if image_size is not None and m["image_size"] != image_size:
+            raise ValueError(f"latents in {path} were extracted at {m['image_size']} px but image_size={image_size}; "
+                             "extract again at this size or change the config.")
+        self.path, self.shape, self.dtype = path, tuple(m["moments_shape"]), np.dtype(m["dtype"])
+        self.manifest = m
+        self._base = grain.ArrayRecordDataSource([os.path.join(path, s) for s in m["shards"]])
 
-  def __len__(self) -> int:
-    return len(self._base)
+    def __len__(self) -> int:
+        return len(self._base)
 
-  def __repr__(self) -> str:  # no path: a checkpoint must still restore after the data directory moved
-    return f"LatentSource(len={len(self)}, shape={self.shape}, image_size={self.manifest['image_size']})"
+    def __repr__(self) -> str:  # no path: a checkpoint must still restore after the data directory moved
+        return f"LatentSource(len={len(self)}, shape={self.shape}, image_size={self.manifest['image_size']})"
 
-  def __getitem__(self, i: int) -> dict:
-    r = msgpack.unpackb(self._base[i])
-    if tuple(r["shape"]) != self.shape or len(r["m"]) != math.prod(self.shape) * self.dtype.itemsize:
-      raise ValueError(f"latent record {i} in {self.path} has shape {r['shape']} ({len(r['m'])} bytes) but the manifest "
-                       f"says {list(self.shape)} {self.dtype}: the shards come from different extractions. "
-                       "Delete the directory and run --mode extract_latents again.")
-    m = np.frombuffer(r["m"], self.dtype).reshape(self.shape).astype(np.float32)
-    return {"moments": m, "label": np.int32(r["label"])}
+    def __getitem__(self, i: int) -> dict:
+        r = msgpack.unpackb(self._base[i])
+        if tuple(r["shape"]) != self.shape or len(r["m"]) != math.prod(self.shape) * self.dtype.itemsize:
+            raise ValueError(f"latent record {i} in {self.path} has shape {r['shape']} ({len(r['m'])} bytes) but the manifest "
+                             f"says {list(self.shape)} {self.dtype}: the shards come from different extractions. "
+                             "Delete the directory and run --mode extract_latents again.")
+        m = np.frombuffer(r["m"], self.dtype).reshape(self.shape).astype(np.float32)
+        return {"moments": m, "label": np.int32(r["label"])}
 
 
 def sample_latents(moments: jax.Array, key: jax.Array, scale: float = SD_VAE_SCALE) -> jax.Array:
-  """Draws z = (mean + exp(logvar / 2) * eps) * scale, as diffusers' DiagonalGaussianDistribution.sample().
+    """Draws z = (mean + exp(logvar / 2) * eps) * scale, as diffusers' DiagonalGaussianDistribution.sample().
 
-  moments: (..., h, w, 8), channels 0-3 mean, 4-7 log-variance (clipped to [-30, 20] like diffusers).
-  Returns (..., h, w, 4) float32.
-  """
-  mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
-  std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
-  return (mean + std * jax.random.normal(key, mean.shape, jnp.float32)) * scale
+    moments: (..., h, w, 8), channels 0-3 mean, 4-7 log-variance (clipped to [-30, 20] like diffusers).
+    Returns (..., h, w, 4) float32.
+    """
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
+    return (mean + std * jax.random.normal(key, mean.shape, jnp.float32)) * scale
