@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.weight_decay = 0.0
     t.grad_clip = 2.0  # Large-DiT --grad_clip
     t.ema_decay = 0.9999
+    t.ema_warmup = False  # official: a plain EMA from step 0; True: decay min(ema_decay, (1+n)/(10+n))
     t.log_every = 100
     t.sample_every = 10_000
     t.ckpt_every = 10_000

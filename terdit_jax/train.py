@@ -138,7 +138,10 @@ def make_train_step(apply, config, mesh=None):
             ((loss, aux), grads), _ = jax.lax.scan(body, zero, micro)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        ema = jax.tree.map(lambda e, q: decay * e + (1.0 - decay) * q, state["ema"], params)
+        d = decay
+        if t_cfg.ema_warmup:  # decay (1+n)/(10+n) until it reaches ema_decay, so a short run's EMA forgets the init
+            d = jnp.minimum(decay, (1.0 + state["step"]) / (10.0 + state["step"]))
+        ema = jax.tree.map(lambda e, q: d * e + (1.0 - d) * q, state["ema"], params)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"]),
                    "param_norm": optax.tree.norm(params), **aux}
         return {**state, "step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state}, metrics

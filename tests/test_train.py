@@ -138,3 +138,15 @@ def test_a_higher_resolution_run_starts_from_lower_resolution_weights(tmp_path):
     other.model.dim = 64
     with pytest.raises(Exception, match="different architecture"):
         T._init_from(str(tmp_path / "low"), fresh, T.abstract_state(finalize(other))[1], finalize(other), log=quiet)
+
+
+@pytest.mark.parametrize("warmup,d", [(False, 0.9999), (True, 0.1)])
+def test_ema_after_one_step(warmup, d):
+    """EMA from step 0 (official) or with the (1+n)/(10+n) warmup, whose first-step decay is 0.1."""
+    c = tiny_config(ema_warmup=warmup)
+    apply, state = T.init_state(c)
+    init = jax.tree.map(np.asarray, state["params"])
+    from terdit_jax.data.digits import DigitBatches
+    state, _ = T.make_train_step(apply, c)(state, jax.tree.map(jnp.asarray, DigitBatches(8, 0).batch(0)))
+    for e, p0, p in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(init), jax.tree.leaves(state["params"])):
+        np.testing.assert_allclose(e, d * p0 + (1 - d) * np.asarray(p), rtol=1e-5, atol=1e-7)
