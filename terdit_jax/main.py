@@ -108,6 +108,12 @@ def run(config, workdir: str, mode: str):
         _say("sampling the final grid from the EMA weights ...")
         images, labels = training.sample_grid(out["apply"], out["state"]["ema"], config, grid,
                                               jax.random.key(config.sample.seed))
+        if jax.process_index() == 0 and config.data.kind == "digits" and config.eval.demo_quality:
+            from terdit_jax.eval.run import digits_quality
+            _say("measuring sample quality (class accuracy; FID/precision/recall vs held-out digits) ...")
+            quality = digits_quality(config, workdir, images, labels, log=_say)
+            training.MetricsLog(workdir).write(out["step"], quality)
+            _say("quality: " + ", ".join(f"{k}={v:.4g}" for k, v in quality.items()))
         if jax.process_index() == 0:
             _say(f"checkpoints: {out['checkpoints']}\nmetrics:     {out['metrics']}\n"
                  f"tensorboard: {os.path.join(workdir, 'tensorboard')}\nsample grid: {grid}")

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 TINY = ["--config.model.dim=32", "--config.model.n_layers=1", "--config.train.log_every=2",
-        "--config.train.ckpt_every=2", "--config.sample.num_steps=3", "--config.sample.per_class=2"]
+        "--config.train.ckpt_every=2", "--config.sample.num_steps=3", "--config.sample.per_class=2",
+        "--config.eval.demo_quality=False"]  # FID needs minutes of Inception on a CPU; tested on its own
 
 
 def cli(*args, check=True, cwd=None):
@@ -115,3 +116,20 @@ def test_imagenet_path_end_to_end_with_a_tiny_vae(tmp_path):
     r = cli(*common, "--mode", "sample", cwd=root)
     images = np.load(os.path.join(tmp_path, "run", "samples", "sample_0000002.npz"))["arr_0"]
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+
+
+def test_digits_quality_reports_class_accuracy_and_says_why_fid_is_missing(tmp_path):
+    from terdit_jax.config import finalize
+    from terdit_jax.configs.demo import get_config
+    from terdit_jax.data.digits import load_digits
+    from terdit_jax.eval.run import digits_quality
+
+    c = get_config()
+    c.eval.inception_weights = str(tmp_path / "missing.pt")
+    images, labels = load_digits("test")
+    said = []
+    q = digits_quality(finalize(c), str(tmp_path), images[::5], labels[::5], log=said.append)
+    assert q["class_accuracy"] > 0.85 and q["classifier_heldout_accuracy"] > 0.9  # real digits are recognised
+    shuffled = digits_quality(finalize(c), str(tmp_path), images[::5], np.roll(labels[::5], 7), log=said.append)
+    assert shuffled["class_accuracy"] < 0.3  # wrong labels are not
+    assert "fid" not in q and any("FID skipped" in s and "missing.pt" in s for s in said)

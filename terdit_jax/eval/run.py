@@ -60,3 +60,22 @@ def run_eval_mode(config, workdir: str, *, log=print) -> dict:
         json.dump(report, f, indent=1)
     report["report"] = path
     return report
+
+
+def digits_quality(config, workdir: str, images: np.ndarray, labels, *, log=print) -> dict:
+    """Quality of generated digits: class accuracy (a classifier trained on the real training digits) and, when
+    the Inception weights are installed, FID / Precision / Recall against the 500 held-out real digits."""
+    from terdit_jax.eval.digit_classifier import class_accuracy, train_classifier
+
+    clf, real_acc = train_classifier(config.seed)
+    out = {"class_accuracy": class_accuracy(clf, images, labels), "classifier_heldout_accuracy": real_acc}
+    try:
+        from terdit_jax.eval.evaluate import evaluate
+
+        report = evaluate(images, reference_for(config, workdir, log=log),
+                          weights_path=config.eval.inception_weights or None, batch_size=config.eval.batch_size)
+        out.update(fid=report["fid"], precision=report["precision"], recall=report["recall"],
+                   fid_num_samples=report["num_samples"])
+    except FileNotFoundError as e:  # no Inception weights installed: report what we have, say how to get FID
+        log(f"FID skipped: {e}")
+    return out
