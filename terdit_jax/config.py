@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.class_dropout_prob = 0.1
     m.learn_sigma = True
     m.rope_theta = 10000.0
+    # "none": position only through 1-D RoPE (Large-DiT/TerDiT). "sincos": also add DiT's fixed 2-D sin-cos table
+    # (no parameters, any resolution); a RoPE-only model needs many steps to learn where a token is.
+    m.pos_embed = "none"
     m.linear = "ternary"  # "fp" gives the full-precision twin (Large-DiT)
     m.quantized_layers = "attention,feed_forward,adaLN_modulation"  # role prefixes built with `linear`
     m.alpha_init = "xavier_absmean"  # or "randn" (official)
@@ -142,6 +145,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("parallel.remat", f"{c.parallel.remat!r} is not one of 'none', 'full', 'dots'")
     if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
         _fail("train.grad_accum_steps", f"{t.grad_accum_steps} must be >= 1 and divide train.batch_size={t.batch_size}")
+    if m.pos_embed not in ("none", "sincos"):
+        _fail("model.pos_embed", f"{m.pos_embed!r} is not 'none' or 'sincos'")
     if m.packed_act_dtype not in ("bf16", "f32", "int8"):
         _fail("model.packed_act_dtype", f"{m.packed_act_dtype!r} is not one of 'bf16', 'f32', 'int8'")
     if m.packed_backend not in ("auto", "pallas", "xla"):

@@ -21,7 +21,6 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from terdit_jax.models import ternary
-from terdit_jax.models.dit import patchify, rope_angles, unpatchify
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -276,11 +275,10 @@ def forward(graphdef, params, x, t, y, *, remat: str = "none", mesh: Mesh | None
     jax.checkpoint around each transformer block and sharding constraints on the token activations.
     tests/test_parallel.py checks that it equals the model's own __call__."""
     model = nnx.merge(graphdef, params)
-    b, h, w, _ = x.shape
     acts = ("batch", "tokens", None)
     cons = (lambda a: constrain(a, mesh, acts)) if constrain_acts else (lambda a: a)
-    tokens = cons(model.x_embedder(patchify(x, model.patch_size)))
-    angles = rope_angles(tokens.shape[1], model.head_dim, model.rope_theta)
+    tokens, angles = model.embed(x)
+    tokens = cons(tokens)
     c = model.condition(t, y, None)
     for layer in model.layers:
         if remat == "none":
@@ -293,8 +291,7 @@ def forward(graphdef, params, x, t, y, *, remat: str = "none", mesh: Mesh | None
                                    policy=REMAT_POLICIES[remat], prevent_cse=True)
             tokens = block(st, tokens, c, angles)
         tokens = cons(tokens)
-    out = model.final_layer(tokens, c)
-    return unpatchify(out, model.patch_size, h, w).astype(jnp.float32)
+    return model.unembed(tokens, c, x.shape[1], x.shape[2])
 
 
 def memory_report(compiled) -> dict | None:

@@ -108,3 +108,19 @@ def test_config_errors_name_the_field():
     c.data.image_size = 100
     with pytest.raises(ConfigError, match="data.image_size"):
         finalize(c)
+
+
+def test_sincos_position_table():
+    """A DiT-style 2-D table: first half the row, second half the column, each [sin, cos] of pos·1/10000^(k/(d/4))."""
+    from terdit_jax.models.layers import sincos_pos_embed_2d
+    d, h, w = 16, 3, 4
+    omega = 1.0 / 10000 ** (np.arange(d // 4) / (d / 4))
+    enc = lambda pos: np.concatenate([np.sin(np.outer(pos, omega)), np.cos(np.outer(pos, omega))], 1)  # noqa: E731
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    ref = np.concatenate([enc(rows.reshape(-1)), enc(cols.reshape(-1))], 1)
+    np.testing.assert_allclose(sincos_pos_embed_2d(d, h, w), ref, atol=1e-6)
+    cfg = tiny(pos_embed="sincos").model
+    model = DiT(cfg, rngs=nnx.Rngs(0))
+    assert count_params(cfg) == count_params(tiny().model)  # a fixed table: no parameters
+    tokens, _ = model.embed(jnp.zeros((1, 8, 8, 4)))
+    np.testing.assert_allclose(tokens[0] - model.x_embedder.bias[...], sincos_pos_embed_2d(32, 4, 4), atol=1e-6)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from terdit_jax.models.layers import (Attention, FeedForward, LabelEmbedder, LayerNorm, RMSNorm,
-                                      TimestepEmbedder, rope_angles)
+                                      TimestepEmbedder, rope_angles, sincos_pos_embed_2d)
 from terdit_jax.models import packed as _packed  # noqa: F401  (registers the "packed" linear kind)
 from terdit_jax.models.ternary import make_linear, xavier_uniform, zeros_init
 
@@ -97,6 +97,7 @@ class DiT(nnx.Module):
         self.patch_size = cfg.patch_size
         self.head_dim = cfg.dim // cfg.n_heads
         self.rope_theta = cfg.rope_theta
+        self.pos_embed = cfg.pos_embed
         self.x_embedder = make_linear("x_embedder", cfg.patch_size ** 2 * cfg.in_channels, cfg.dim,
                                       model_cfg=cfg, rngs=rngs, use_bias=True, kernel_init=xavier_uniform,
                                       axes=(None, "embed"), dtype=dtype)
@@ -109,18 +110,28 @@ class DiT(nnx.Module):
         """c = t_emb + y_emb, (B, C) in float32."""
         return self.t_embedder(t).astype(jnp.float32) + self.y_embedder(y, drop_key)
 
+    def embed(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x (B, H, W, C) → tokens (B, T, D) and the RoPE angles (T, head_dim/2)."""
+        p = self.patch_size
+        tokens = self.x_embedder(patchify(x, p))
+        if self.pos_embed == "sincos":  # not in Large-DiT/TerDiT (RoPE only); see config.model.pos_embed
+            table = sincos_pos_embed_2d(tokens.shape[-1], x.shape[1] // p, x.shape[2] // p)
+            tokens = tokens + table.astype(tokens.dtype)
+        return tokens, rope_angles(tokens.shape[1], self.head_dim, self.rope_theta)
+
+    def unembed(self, tokens: jax.Array, c: jax.Array, h: int, w: int) -> jax.Array:
+        """Final layer and unpatchify: tokens (B, T, D) → (B, H, W, out_channels) float32."""
+        return unpatchify(self.final_layer(tokens, c), self.patch_size, h, w).astype(jnp.float32)
+
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, drop_key: jax.Array | None = None,
                  modulations: jax.Array | None = None) -> jax.Array:
         """`modulations` (L, B, 6D): precomputed adaLN outputs of every block (they depend only on t and y), so a
         deployment can compute them for all blocks in one batched matmul."""
-        b, h, w, _ = x.shape
-        tokens = self.x_embedder(patchify(x, self.patch_size))
-        angles = rope_angles(tokens.shape[1], self.head_dim, self.rope_theta)
+        tokens, angles = self.embed(x)
         c = self.condition(t, y, drop_key)
         for i, layer in enumerate(self.layers):
             tokens = layer(tokens, c, angles, None if modulations is None else modulations[i])
-        out = self.final_layer(tokens, c)
-        return unpatchify(out, self.patch_size, h, w).astype(jnp.float32)
+        return self.unembed(tokens, c, x.shape[1], x.shape[2])
 
 
 def count_params(cfg) -> int:

@@ -44,6 +44,18 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
+def sincos_pos_embed_2d(dim: int, h: int, w: int) -> jax.Array:
+    """Fixed 2-D sin-cos position table in the manner of DiT/MAE's `get_2d_sincos_pos_embed`: the first dim/2
+    channels encode the row, the rest the column, each as [sin, cos] of pos·10000^(−k/(dim/4)).
+    → (h·w, dim) f32, raster order."""
+    def axis(pos, d):  # (n,) → (n, d)
+        omega = 1.0 / 10000 ** (jnp.arange(d // 2, dtype=jnp.float32) / (d / 2))
+        angles = pos[:, None] * omega[None]
+        return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
+    return jnp.concatenate([axis(rows.reshape(-1), dim // 2), axis(cols.reshape(-1), dim // 2)], axis=-1)
+
+
 def rope_angles(num_tokens: int, head_dim: int, theta: float = 10000.0) -> jax.Array:
     """pos·θ_i with θ_i = theta^(−2i/head_dim), positions 0..T−1 (1-D LLaMA RoPE). → (T, head_dim/2) f32."""
     inv = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
