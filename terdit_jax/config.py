@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.num_timesteps = 1000
+    c.diffusion.min_snr_gamma = 0.0  # 0 = the paper's loss; γ > 0 weights the MSE by min(SNR, γ)/SNR (Min-SNR)
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1_180_000

@@ -101,7 +101,8 @@ def make_train_step(apply, config, mesh=None):
 
     def loss_fn(params, inputs, total):
         x0, t, noise, y = inputs
-        terms = diffusion.training_losses(lambda x, tt, yy: fwd(params, x, tt, yy), x0, t, noise, y)
+        terms = diffusion.training_losses(lambda x, tt, yy: fwd(params, x, tt, yy), x0, t, noise, y,
+                                          min_snr_gamma=config.diffusion.min_snr_gamma or None)
         return terms["loss"].sum() / total, {"mse": terms["mse"].sum() / total, "vb": terms["vb"].sum() / total}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -177,6 +177,13 @@ def test_training_losses_values_and_t0_decoder_nll():
     np.testing.assert_allclose(got["vb"], vb, rtol=2e-4, atol=1e-5)
     np.testing.assert_allclose(got["mse"], mse, rtol=1e-5)
     np.testing.assert_allclose(got["loss"], mse + vb, rtol=2e-4, atol=1e-5)
+    # Min-SNR-γ (Hang et al. 2023): the MSE term weighted by min(SNR, γ)/SNR, SNR = ᾱ/(1 − ᾱ); vb unchanged
+    weighted = d.training_losses(model, jnp.asarray(x0, jnp.float32), jnp.asarray(t), jnp.asarray(noise, jnp.float32),
+                                 jnp.array([1, 2, 3, 4]), min_snr_gamma=5.0)
+    ac = np.cumprod(1 - REF_BETAS)[t]
+    snr = ac / (1 - ac)
+    np.testing.assert_allclose(weighted["loss"], mse * np.minimum(snr, 5.0) / snr + vb, rtol=2e-4, atol=1e-5)
+    assert np.minimum(snr, 5.0)[-1] / snr[-1] == 1.0 and np.minimum(snr, 5.0)[0] / snr[0] < 0.01
 
 
 def test_training_losses_gradient_routing():

@@ -190,12 +190,14 @@ class GaussianDiffusion:
         return jnp.where(jnp.asarray(t) == 0, nll, kl)
 
     def training_losses(self, model_fn: ModelFn, x0: jax.Array, t: jax.Array, noise: jax.Array,
-                        y: jax.Array) -> dict[str, jax.Array]:
+                        y: jax.Array, min_snr_gamma: float | None = None) -> dict[str, jax.Array]:
         """DiT's training loss (LossType.MSE with a learned-range variance): per-sample 'loss' = 'mse' + 'vb', each (N,).
 
         x0, noise: (N,H,W,C); t: (N,) int step indices; y: (N,) int labels. The model is called with the original
         timesteps `timestep_map[t]`. 'vb' sees ε̂ through stop_gradient so only the v channels learn from it, and it is
         not rescaled by T/1000 (that would be RESCALED_MSE). Losses are computed in float32 whatever the model dtype.
+        min_snr_gamma: not in DiT/TerDiT; weights the MSE term by min(SNR, γ)/SNR, which stops the easy low-noise
+        steps from dominating the gradient ('mse' is still reported unweighted).
         """
         if x0.shape != noise.shape:
             raise ValueError(f"x0 and noise must have one shape, got {x0.shape} and {noise.shape}")
@@ -207,7 +209,12 @@ class GaussianDiffusion:
         frozen = jnp.concatenate([jax.lax.stop_gradient(eps), v], axis=-1)
         vb = self.vb_terms_bpd(frozen, x0.astype(jnp.float32), x_t.astype(jnp.float32), t)
         mse = mean_flat(jnp.square(noise.astype(jnp.float32) - eps))
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        loss = mse
+        if min_snr_gamma:  # Min-SNR-γ weighting (Hang et al. 2023) for ε-prediction: min(SNR, γ)/SNR per sample
+            ac = self.alphas_cumprod[t]
+            snr = ac / (1.0 - ac)
+            loss = mse * jnp.minimum(snr, min_snr_gamma) / snr
+        return {"loss": loss + vb, "mse": mse, "vb": vb}
 
 
 jax.tree_util.register_dataclass(
