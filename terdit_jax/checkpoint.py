@@ -110,10 +110,8 @@ class Checkpoints:
                                   "data per process, so resume with the same process count")
         return states[jax.process_index()]
 
-    def restore(self, step: int, abstract_state, model_cfg, *, ignore: tuple[str, ...] = ()):
-        """Restore `step` onto the structure (and shardings) of `abstract_state`; checks the architecture first
-        (model fields in `ignore` may differ, e.g. input_size when a 512 px run starts from 256 px weights).
-        The shardings may come from another mesh than the one that saved it (Orbax reshards on read)."""
+    def check_architecture(self, step: int, model_cfg, ignore: tuple[str, ...] = ()):
+        """Refuse a checkpoint whose model config differs from `model_cfg` (fields in `ignore` may differ)."""
         saved = self.meta(step).get("model", {})
         want = _model_signature(model_cfg)
         diff = {k: (saved.get(k), want.get(k)) for k in set(saved) | set(want)
@@ -122,12 +120,27 @@ class Checkpoints:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is a different architecture "
                                   f"({lines}); use the config it was trained with or another --workdir")
+
+    def restore(self, step: int, abstract_state, model_cfg, *, ignore: tuple[str, ...] = ()):
+        """Restore `step` onto the structure (and shardings) of `abstract_state`; checks the architecture first
+        (model fields in `ignore` may differ, e.g. input_size when a 512 px run starts from 256 px weights).
+        The shardings may come from another mesh than the one that saved it (Orbax reshards on read)."""
+        self.check_architecture(step, model_cfg, ignore)
+        return self._read(step, ocp.args.StandardRestore(abstract_state))
+
+    def restore_ema(self, step: int, abstract_ema, model_cfg):
+        """Only the EMA weights of `step` (a partial restore: the optimizer state and params are never read)."""
+        self.check_architecture(step, model_cfg)
+        item = {"ema": abstract_ema}
+        return self._read(step, ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))["ema"]
+
+    def _read(self, step: int, args):
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+            return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
         except Exception as e:  # orbax raises many types for truncated or corrupt files
             raise CheckpointError(f"checkpoint step {step} in {self.directory} could not be read ({type(e).__name__}: "
                                   f"{str(e)[:300]}); delete that step folder to fall back to an older one") from e
-        return out.state
 
     def quarantine(self, step: int) -> str:
         """Move step `step` out of the way (to <directory>.corrupt/) so training can go on past it."""
@@ -161,37 +174,39 @@ class Checkpoints:
         self.manager.close()
 
 
+def load_ema(config, workdir: str, step: int = -1):
+    """EMA params of checkpoint `step` (-1 = newest) in workdir/checkpoints, on the first local device, read
+    without the optimizer state (2× the model for Adam) → (apply, params, step)."""
+    from terdit_jax.train import abstract_state  # train imports this module
+
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first (--mode train) or pass the "
+                                  "--workdir of a trained run")
+        step = steps[-1] if step < 0 else step
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}")
+        apply, abstract = abstract_state(config)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        ema = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract["ema"])
+        return apply, ckpt.restore_ema(step, ema, config.model), step
+    finally:
+        ckpt.close()
+
+
 def export_orbax(config, workdir: str, out_dir: str, step: int = -1, *, log=print) -> str:
     """Inference checkpoint: the EMA weights of checkpoint `step` (-1 = newest) alone, as an Orbax StandardSave
     tree in out_dir/ema, plus out_dir/model_config.json (the model section of the config). Reads only the EMA
     (partial restore), so the optimizer state is never loaded. Returns out_dir."""
-    from terdit_jax.train import abstract_state  # train imports this module
-
-    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
-    steps = ckpt.steps()
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first or pass the --workdir of a trained run")
-    step = steps[-1] if step < 0 else step
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}")
-    _, abstract = abstract_state(config)
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    ema = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract["ema"])
-    ckpt.meta(step)  # clear error for a damaged step
-    try:
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"ema": ema}, restore_args=ocp.checkpoint_utils.construct_restore_args({"ema": ema}),
-            partial_restore=True)))
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint step {step} in {ckpt.directory} could not be read ({type(e).__name__}: "
-                              f"{str(e)[:300]})") from e
-    ckpt.close()
+    _, ema, step = load_ema(config, workdir, step)
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, "ema")):
         raise CheckpointError(f"{out_dir}/ema exists already; choose another output folder")
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out_dir, "ema"), out.state["ema"])
+        ckptr.save(os.path.join(out_dir, "ema"), ema)
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "model_config.json"), "w") as f:
             json.dump({"step": int(step), "model": config.model.to_dict()}, f, indent=1, sort_keys=True)

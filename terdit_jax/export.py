@@ -191,7 +191,7 @@ def write_packed(out_dir: str, state: nnx.State, model_cfg, *, label_order: str 
 def export_packed(config, workdir_or_params, out_dir: str, *, step: int = -1, overwrite: bool = False) -> dict:
     """Training checkpoint (EMA weights) → deployable packed checkpoint in `out_dir`. Returns the manifest.
 
-    workdir_or_params: a training workdir (its checkpoints/ are read with `sample.load_ema`, step `step`,
+    workdir_or_params: a training workdir (its checkpoints/ are read with `checkpoint.load_ema`, step `step`,
     -1 = newest) or the ternary params themselves (nnx.State or nested dict). `config` is the training
     config (model.linear='ternary').
     """
@@ -199,7 +199,7 @@ def export_packed(config, workdir_or_params, out_dir: str, *, step: int = -1, ov
         raise ExportError(f"export packs a ternary QAT model; config.model.linear is {config.model.linear!r}")
     source = {"kind": "terdit-jax-ema"}
     if isinstance(workdir_or_params, (str, os.PathLike)):
-        from terdit_jax.sample import load_ema
+        from terdit_jax.checkpoint import load_ema
         _, params, step = load_ema(config, str(workdir_or_params), step)
         source.update(workdir=os.path.abspath(workdir_or_params), step=int(step))
     else:

@@ -89,25 +89,6 @@ def latent_decoder(config):
     return jax.jit(lambda z: vae.decode(z / scale))
 
 
-def load_ema(config, workdir: str, step: int = -1):
-    """EMA params of checkpoint `step` (-1 = newest) in workdir/checkpoints → (apply, params, step)."""
-    from terdit_jax.checkpoint import CheckpointError, Checkpoints
-    from terdit_jax.train import abstract_state
-
-    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
-    steps = ckpt.steps()
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first (--mode train) or pass the "
-                              "--workdir of a trained run")
-    step = steps[-1] if step < 0 else step
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}")
-    apply, abstract = abstract_state(config)
-    state = ckpt.restore(step, abstract, config.model)
-    ckpt.close()
-    return apply, state["ema"], step
-
-
 def load_for_sampling(config, workdir: str):
     """The model `--mode sample` and `--mode eval` draw from → (config, apply, params, step, to_model_labels).
 
@@ -118,6 +99,7 @@ def load_for_sampling(config, workdir: str):
     import ml_collections
 
     if not config.sample.packed_path:
+        from terdit_jax.checkpoint import load_ema
         apply, params, step = load_ema(config, workdir, config.sample.step)
         return config, apply, params, step, lambda labels: np.asarray(labels, np.int32)
     from terdit_jax.config import finalize
