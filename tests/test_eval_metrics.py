@@ -53,7 +53,7 @@ def test_feature_statistics_are_float64_mean_and_unbiased_covariance():
 
 def test_fid_of_large_samples_approaches_closed_form():
     rng = np.random.default_rng(1)
-    mu1, mu2 = np.zeros(3), np.array([1.0, 0.0, 0.0])
+    mu2 = np.array([1.0, 0.0, 0.0])  # x has mean 0
     x = rng.normal(size=(20000, 3))
     y = rng.normal(size=(20000, 3)) * 2.0 + mu2  # sigma2 = 4 I: FID = 1 + 3 * (1 - 2)^2 = 4
     fid = metrics.frechet_distance(*metrics.feature_statistics(x), *metrics.feature_statistics(y))

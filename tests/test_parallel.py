@@ -131,7 +131,7 @@ def test_sharded_step_matches_unsharded(eight):
 
 
 def test_parameters_are_placed_as_the_rules_say(eight):
-    specs, shapes = eight["specs"], eight["shapes"]
+    specs = eight["specs"]
     # state tree paths: params/<module path>/value ; attention kernels split fsdp × tensor as ('embed','heads')
     def spec(suffix, root="params"):
         keys = [k for k in specs if k.startswith(f"['{root}']") and k.endswith(suffix)]

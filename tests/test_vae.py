@@ -1,6 +1,5 @@
 """Flax AutoencoderKL vs diffusers' torch AutoencoderKL (random weights, tiny config, CPU, no network)."""
 
-import json
 
 import jax
 import jax.numpy as jnp
