@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.qk_norm = False
     m.class_dropout_prob = 0.1
     m.learn_sigma = True
+    m.prediction = "eps"  # the paper's ε; "v" regresses u = sqrt(ᾱ)ε − sqrt(1−ᾱ)x0 (Salimans & Ho 2022)
     m.rope_theta = 10000.0
     # "none": position only through 1-D RoPE (Large-DiT/TerDiT). "sincos": also add DiT's fixed 2-D sin-cos table
     # (no parameters, any resolution); a RoPE-only model needs many steps to learn where a token is.
@@ -155,6 +156,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("model.packed_backend", f"{m.packed_backend!r} is not one of 'auto', 'pallas', 'xla'")
     if s.sampler not in ("ddpm", "ddim"):
         _fail("sample.sampler", f"{s.sampler!r} is not 'ddpm' or 'ddim'")
+    if m.prediction not in ("eps", "v"):
+        _fail("model.prediction", f"{m.prediction!r} is not 'eps' or 'v'")
     with c.unlocked():
         m.cond_dim = min(m.dim, 1024)
         m.out_channels = m.in_channels * (2 if m.learn_sigma else 1)

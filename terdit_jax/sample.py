@@ -25,7 +25,7 @@ def generate(apply, params, labels, config, key, *, decode=None, progress: bool 
     [−1, 1] images (the VAE decoder for latent models; None = pixel space).
     """
     m, s = config.model, config.sample
-    diffusion = create_diffusion(str(s.num_steps), config.diffusion.num_timesteps)
+    diffusion = create_diffusion(str(s.num_steps), config.diffusion.num_timesteps, m.prediction)
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -108,7 +108,8 @@ def load_for_sampling(config, workdir: str):
                                                      act_dtype=config.model.packed_act_dtype,
                                                      backend=config.model.packed_backend)
     packed = ml_collections.ConfigDict(config.to_dict())
-    packed.model = ml_collections.ConfigDict({**model_cfg, "name": "custom"})
+    # exports written before model.prediction existed hold ε models
+    packed.model = ml_collections.ConfigDict({"prediction": "eps", **model_cfg, "name": "custom"})
     step = int(manifest.get("source", {}).get("step", 0))
     return finalize(packed), apply, params, step, lambda labels: to_model_labels(labels, manifest)
 

@@ -93,7 +93,7 @@ def make_train_step(apply, config, mesh=None):
     microbatch's loss is divided by the global batch size (Large-DiT divides each microbatch loss by the local batch).
     """
     t_cfg, m, p = config.train, config.model, config.parallel
-    diffusion = create_diffusion("", config.diffusion.num_timesteps)
+    diffusion = create_diffusion("", config.diffusion.num_timesteps, m.prediction)
     tx, lr_fn, decay, k = make_optimizer(t_cfg), learning_rate(t_cfg), t_cfg.ema_decay, int(t_cfg.grad_accum_steps)
     fwd = functools.partial(parallel.forward, apply.graphdef, remat=p.remat, mesh=mesh,
                             constrain_acts=p.constrain_activations)

@@ -186,6 +186,48 @@ def test_training_losses_values_and_t0_decoder_nll():
     assert np.minimum(snr, 5.0)[-1] / snr[-1] == 1.0 and np.minimum(snr, 5.0)[0] / snr[0] < 0.01
 
 
+def test_v_prediction_loss_and_sampling_equal_the_eps_model():
+    """prediction="v": the MSE regresses u = sqrt(ᾱ)ε − sqrt(1−ᾱ)x0 (Salimans & Ho 2022); the mean, vb and samples
+    of a v-model equal those of the ε-model that outputs ε = sqrt(ᾱ)·u + sqrt(1−ᾱ)·x_t."""
+    dv, de, ref = create_diffusion(prediction="v"), create_diffusion(), Ref(REF_BETAS)
+    t = np.array([0, 3, 400, 999])
+    x0, noise = np.clip(rand(20, 4, 4, 4, 1, scale=0.7), -1, 1), rand(21, 4, 4, 4, 1)
+    u_out, var_out = rand(22, 4, 4, 4, 1), rand(23, 4, 4, 4, 1, scale=0.5)
+    xt, ac = ref.q_sample(x0, t, noise), ref.col(ref.ac, t)
+    eps_out = np.sqrt(ac) * u_out + np.sqrt(1 - ac) * xt
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    y = jnp.zeros(4, jnp.int32)
+    got_v = dv.training_losses(lambda x, tt, yy: f32(np.concatenate([u_out, var_out], -1)), f32(x0), jnp.asarray(t),
+                               f32(noise), y)
+    got_e = de.training_losses(lambda x, tt, yy: f32(np.concatenate([eps_out, var_out], -1)), f32(x0), jnp.asarray(t),
+                               f32(noise), y)
+    u = np.sqrt(ac) * noise - np.sqrt(1 - ac) * x0
+    np.testing.assert_allclose(got_v["mse"], ((u - u_out) ** 2).mean((1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(got_v["vb"], got_e["vb"], rtol=1e-3, atol=1e-5)
+    weighted = dv.training_losses(lambda x, tt, yy: f32(np.concatenate([u_out, var_out], -1)), f32(x0), jnp.asarray(t),
+                                  f32(noise), y, min_snr_gamma=5.0)
+    snr = REF_AC[t] / (1 - REF_AC[t])
+    np.testing.assert_allclose(weighted["loss"], got_v["mse"] * np.minimum(snr, 5.0) / (snr + 1) + got_v["vb"],
+                               rtol=2e-4, atol=1e-5)
+    # the same model in both parameterisations draws the same samples (here: the exact model of a point mass)
+    c = jnp.array([0.5, -0.25, 0.8, -1.0])
+    eps_model = _true_eps_model(c, 0.0)
+    d25e, d25v = create_diffusion("25"), create_diffusion("25", prediction="v")
+
+    def v_model(x, tt, yy):  # u = (ε − sqrt(1−ᾱ)·x_t)/sqrt(ᾱ) for the exact ε
+        out = eps_model(x, tt, yy)
+        a = jnp.asarray(REF_AC, jnp.float32)[tt][:, None, None, None]
+        return jnp.concatenate([(out[..., :4] - jnp.sqrt(1 - a) * x) / jnp.sqrt(a), out[..., 4:]], -1)
+
+    kw = dict(sampler="ddpm")
+    a = sample(eps_model, d25e, (4, 3, 3, 4), jax.random.key(5), jnp.zeros(4), **kw)
+    b = sample(v_model, d25v, (4, 3, 3, 4), jax.random.key(5), jnp.zeros(4), **kw)
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    np.testing.assert_allclose(b, jnp.broadcast_to(c, b.shape), atol=2e-3)
+    with pytest.raises(ValueError, match="unknown prediction"):
+        create_diffusion(prediction="x0")
+
+
 def test_training_losses_gradient_routing():
     d = create_diffusion()
     C, key = 3, jax.random.key(0)

@@ -1,7 +1,8 @@
 """Gaussian diffusion with ε-prediction and learned-range variance (IDDPM, Nichol & Dhariwal 2021; as used by DiT/TerDiT).
 
 Arrays are NHWC. The model contract is `model_fn(x_t, t, y) -> out` with x_t (N,H,W,C), t int32 (N,) ORIGINAL timesteps,
-y int32 (N,), out (N,H,W,2C): out[..., :C] = ε̂ and out[..., C:] = v, the learned-range variance value.
+y int32 (N,), out (N,H,W,2C): out[..., :C] = ε̂ and out[..., C:] = v, the learned-range variance value. With
+`prediction="v"` (not in DiT/TerDiT) out[..., :C] is the velocity u = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x0 instead.
 
 Everything a diffusion needs is a float32 table indexed by the (possibly respaced) step index k; `timestep_map[k]` is the
 original timestep the model sees. `GaussianDiffusion` is a pytree, so it can be passed into `jax.jit` as an argument.
@@ -19,6 +20,7 @@ import numpy as np
 from terdit_jax.diffusion.schedule import linear_betas, respace_betas, space_timesteps
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+PREDICTIONS = ("eps", "v")
 
 
 # ----------------------------------------------------------------------------------------------------------- losses ---
@@ -91,10 +93,13 @@ class GaussianDiffusion:
     posterior_mean_coef1: jax.Array
     posterior_mean_coef2: jax.Array
     timestep_map: jax.Array  # int32: step index k -> original timestep given to the model
+    prediction: str = "eps"  # what out[..., :C] is: "eps" (DiT/TerDiT) or "v" (velocity); static under jit
 
     @classmethod
-    def from_betas(cls, betas, timestep_map=None) -> "GaussianDiffusion":
+    def from_betas(cls, betas, timestep_map=None, prediction: str = "eps") -> "GaussianDiffusion":
         """Tables from a (K,) β schedule (IDDPM GaussianDiffusion.__init__); timestep_map defaults to 0..K−1."""
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; use one of {PREDICTIONS}")
         b = np.asarray(betas, dtype=np.float64)
         if b.ndim != 1 or len(b) < 2 or not np.all((b > 0) & (b <= 1)):
             raise ValueError(f"betas must be a 1-D array of at least 2 values in (0, 1], got shape {b.shape}")
@@ -115,7 +120,7 @@ class GaussianDiffusion:
             posterior_log_variance_clipped=_f32(np.log(np.append(post_var[1], post_var[1:]))),
             posterior_mean_coef1=_f32(b * np.sqrt(ac_prev) / (1.0 - ac)),
             posterior_mean_coef2=_f32((1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)),
-            timestep_map=jnp.asarray(tmap, dtype=jnp.int32),
+            timestep_map=jnp.asarray(tmap, dtype=jnp.int32), prediction=prediction,
         )
 
     @property
@@ -161,14 +166,27 @@ class GaussianDiffusion:
         return ((self.extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - pred_xstart)
                 / self.extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
 
+    def velocity(self, x0, t, noise) -> jax.Array:
+        """u = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x0, the v-prediction target (Salimans & Ho 2022, §4)."""
+        return (self.extract(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
+                - self.extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+
+    def eps_from_output(self, x_t, t, pred) -> jax.Array:
+        """ε̂ from the first C output channels: themselves, or sqrt(ᾱ_t)·û + sqrt(1 − ᾱ_t)·x_t for v-prediction."""
+        if self.prediction == "eps":
+            return pred
+        return (self.extract(self.sqrt_alphas_cumprod, t, x_t.ndim) * pred
+                + self.extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * x_t)
+
     # -- reverse process -------------------------------------------------------------------------------------------
     def p_mean_variance(self, model_out: jax.Array, x_t: jax.Array, t: jax.Array, clip_denoised: bool = False) -> MeanVar:
         """p(x_{t−1} | x_t) from a model output (N,H,W,2C) = [ε̂, v] (EPSILON mean, LEARNED_RANGE variance).
 
         log σ² = frac·log β_t + (1 − frac)·log β̃_t with frac = (v + 1)/2, v not clamped (IDDPM / TerDiT spec §3.4).
         """
-        eps, v = self._split(model_out, x_t)
-        eps, v = eps.astype(jnp.float32), v.astype(jnp.float32)
+        pred, v = self._split(model_out, x_t)
+        v = v.astype(jnp.float32)
+        eps = self.eps_from_output(x_t.astype(jnp.float32), t, pred.astype(jnp.float32))
         min_log = self.extract(self.posterior_log_variance_clipped, t, x_t.ndim)
         max_log = self.extract(self.log_betas, t, x_t.ndim)
         frac = (v + 1.0) / 2.0
@@ -194,40 +212,45 @@ class GaussianDiffusion:
         """DiT's training loss (LossType.MSE with a learned-range variance): per-sample 'loss' = 'mse' + 'vb', each (N,).
 
         x0, noise: (N,H,W,C); t: (N,) int step indices; y: (N,) int labels. The model is called with the original
-        timesteps `timestep_map[t]`. 'vb' sees ε̂ through stop_gradient so only the v channels learn from it, and it is
-        not rescaled by T/1000 (that would be RESCALED_MSE). Losses are computed in float32 whatever the model dtype.
-        min_snr_gamma: not in DiT/TerDiT; weights the MSE term by min(SNR, γ)/SNR, which stops the easy low-noise
-        steps from dominating the gradient ('mse' is still reported unweighted).
+        timesteps `timestep_map[t]`; 'mse' regresses ε (or u with prediction "v"). 'vb' sees ε̂ through stop_gradient
+        so only the v channels learn from it, and it is not rescaled by T/1000 (that would be RESCALED_MSE). Losses
+        are computed in float32 whatever the model dtype. min_snr_gamma: not in DiT/TerDiT; weights the MSE term by
+        min(SNR, γ)/SNR (min(SNR, γ)/(SNR + 1) for v), which stops the easy low-noise steps from dominating the
+        gradient ('mse' is still reported unweighted).
         """
         if x0.shape != noise.shape:
             raise ValueError(f"x0 and noise must have one shape, got {x0.shape} and {noise.shape}")
         t = jnp.asarray(t, dtype=jnp.int32)
         x_t = self.q_sample(x0, t, noise).astype(x0.dtype)
         out = model_fn(x_t, self.timestep_map[t], y)
-        eps, v = self._split(out, x_t)
-        eps, v = eps.astype(jnp.float32), v.astype(jnp.float32)
-        frozen = jnp.concatenate([jax.lax.stop_gradient(eps), v], axis=-1)
+        pred, v = self._split(out, x_t)
+        pred, v = pred.astype(jnp.float32), v.astype(jnp.float32)
+        frozen = jnp.concatenate([jax.lax.stop_gradient(pred), v], axis=-1)
         vb = self.vb_terms_bpd(frozen, x0.astype(jnp.float32), x_t.astype(jnp.float32), t)
-        mse = mean_flat(jnp.square(noise.astype(jnp.float32) - eps))
+        target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
+        mse = mean_flat(jnp.square(target.astype(jnp.float32) - pred))
         loss = mse
-        if min_snr_gamma:  # Min-SNR-γ weighting (Hang et al. 2023) for ε-prediction: min(SNR, γ)/SNR per sample
+        if min_snr_gamma:  # Min-SNR-γ weighting (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v
             ac = self.alphas_cumprod[t]
             snr = ac / (1.0 - ac)
-            loss = mse * jnp.minimum(snr, min_snr_gamma) / snr
+            loss = mse * jnp.minimum(snr, min_snr_gamma) / (snr + (self.prediction == "v"))
         return {"loss": loss + vb, "mse": mse, "vb": vb}
 
 
 jax.tree_util.register_dataclass(
-    GaussianDiffusion, data_fields=[f.name for f in dataclasses.fields(GaussianDiffusion)], meta_fields=[])
+    GaussianDiffusion, data_fields=[f.name for f in dataclasses.fields(GaussianDiffusion) if f.name != "prediction"],
+    meta_fields=["prediction"])
 
 
-def create_diffusion(timestep_respacing: str | int | list[int] = "", num_timesteps: int = 1000) -> GaussianDiffusion:
+def create_diffusion(timestep_respacing: str | int | list[int] = "", num_timesteps: int = 1000,
+                     prediction: str = "eps") -> GaussianDiffusion:
     """DiT's `create_diffusion` for the TerDiT setting: linear β, ε-prediction, learned-range σ, MSE + vb loss.
 
     timestep_respacing: "" (all `num_timesteps` steps, used for training), "250", "25,25", "ddim50", an int or a list.
+    prediction: "eps" (the paper) or "v".
     """
     betas = linear_betas(num_timesteps)
     if timestep_respacing is None or timestep_respacing == "":
         timestep_respacing = [num_timesteps]
     new_betas, tmap = respace_betas(betas, space_timesteps(num_timesteps, timestep_respacing))
-    return GaussianDiffusion.from_betas(new_betas, tmap)
+    return GaussianDiffusion.from_betas(new_betas, tmap, prediction)
