@@ -4,9 +4,9 @@
     python -m terdit_jax.main --config.model.linear=fp   # its full-precision twin
 
 Differences from the paper's recipe, all because the budget is ~3,400 steps on a CPU instead of ~1M on GPUs:
-a fixed 2-D sin-cos position table next to RoPE (a RoPE-only model needs many steps to learn where a token
-is), a higher learning rate with a short warmup, and an EMA that warms up. Set model.pos_embed="none" for the
-paper's architecture.
+v-prediction instead of ε (model.prediction), a fixed 2-D sin-cos position table next to RoPE (model.pos_embed;
+"none" is the paper's architecture), a higher learning rate with a short warmup, and an EMA that warms up. The
+README gives the measured effect of each.
 """
 from terdit_jax.config import base_config
 

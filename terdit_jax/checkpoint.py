@@ -174,6 +174,11 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def close(self):
+        # orbax's close() does not wait for the temp-folder cleanup its constructor starts in a thread; a process
+        # that exits right after (e.g. on "no checkpoint") then dies with a traceback from that thread.
+        cleanup = getattr(self.manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
         self.manager.close()
 
 
