@@ -25,11 +25,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which one and what to do."""
 
 
-_ADDED_FIELDS = {"prediction": "eps"}  # model fields added later, with the value every older checkpoint has
+ADDED_MODEL_FIELDS = {"prediction": "eps"}  # model fields added later, with the value every older checkpoint has
 
 
 def _model_signature(model_cfg) -> dict:
-    d = {**_ADDED_FIELDS, **(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg))}
+    d = {**ADDED_MODEL_FIELDS, **(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg))}
     # Compute settings do not change the parameter tree; everything else does (or changes its meaning).
     runtime = ("dtype", "alpha_init", "ternary_gamma", "packed_act_dtype", "packed_backend")
     return {k: v for k, v in sorted(d.items()) if k not in runtime}
@@ -115,7 +115,7 @@ class Checkpoints:
 
     def check_architecture(self, step: int, model_cfg, ignore: tuple[str, ...] = ()):
         """Refuse a checkpoint whose model config differs from `model_cfg` (fields in `ignore` may differ)."""
-        saved = {**_ADDED_FIELDS, **self.meta(step).get("model", {})}
+        saved = {**ADDED_MODEL_FIELDS, **self.meta(step).get("model", {})}
         want = _model_signature(model_cfg)
         diff = {k: (saved.get(k), want.get(k)) for k in set(saved) | set(want)
                 if saved.get(k) != want.get(k) and k not in ignore}

@@ -101,6 +101,7 @@ def load_for_sampling(config, workdir: str):
         from terdit_jax.checkpoint import load_ema
         apply, params, step = load_ema(config, workdir, config.sample.step)
         return config, apply, params, step, lambda labels: np.asarray(labels, np.int32)
+    from terdit_jax.checkpoint import ADDED_MODEL_FIELDS
     from terdit_jax.config import finalize
     from terdit_jax.export import load_packed, to_model_labels
 
@@ -108,8 +109,7 @@ def load_for_sampling(config, workdir: str):
                                                      act_dtype=config.model.packed_act_dtype,
                                                      backend=config.model.packed_backend)
     packed = ml_collections.ConfigDict(config.to_dict())
-    # exports written before model.prediction existed hold ε models
-    packed.model = ml_collections.ConfigDict({"prediction": "eps", **model_cfg, "name": "custom"})
+    packed.model = ml_collections.ConfigDict({**ADDED_MODEL_FIELDS, **model_cfg, "name": "custom"})
     step = int(manifest.get("source", {}).get("step", 0))
     return finalize(packed), apply, params, step, lambda labels: to_model_labels(labels, manifest)
 

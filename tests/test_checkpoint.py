@@ -1,5 +1,6 @@
 """Checkpoints that survive: SIGTERM saves and exits cleanly, SIGKILL during a save keeps the previous step and the
 next start resumes from it, a corrupted step is named and skipped, retention, and the EMA-only export."""
+import json
 import os
 import signal
 import subprocess
@@ -102,6 +103,14 @@ def test_corrupt_checkpoint_is_named_and_falls_back(tmp_path):
     assert ck.steps() == [1] and os.listdir(str(tmp_path / "c") + ".corrupt")
     with pytest.raises(CheckpointError, match="different architecture"):
         ck.restore(1, abstract, {"dim": 8})
+    # a checkpoint without model.prediction (written before it existed) is an ε model, not a v one
+    meta = tmp_path / "c" / "1" / "meta" / "metadata"
+    saved = json.loads(meta.read_text())
+    saved["model"].pop("prediction")
+    meta.write_text(json.dumps(saved))
+    ck.restore(1, abstract, cfg)
+    with pytest.raises(CheckpointError, match="prediction: checkpoint 'eps' vs config 'v'"):
+        ck.restore(1, abstract, {**cfg, "prediction": "v"})
     os.remove(tmp_path / "c" / "1" / "meta" / "metadata")
     with pytest.raises(CheckpointError, match="step 1 .* no readable metadata"):
         ck.restore(1, abstract, cfg)
