@@ -5,8 +5,8 @@
 
 Differences from the paper's recipe, all because the budget is ~3,400 steps on a CPU instead of ~1M on GPUs:
 v-prediction instead of ε (model.prediction), a fixed 2-D sin-cos position table next to RoPE (model.pos_embed;
-"none" is the paper's architecture), a higher learning rate with a short warmup, and an EMA that warms up. The
-README gives the measured effect of each.
+"none" is the paper's architecture), a higher learning rate with a short warmup, an EMA that warms up, and 50
+DDIM steps for the grid instead of 250 DDPM steps. The README gives the measured effect of each.
 """
 from terdit_jax.config import base_config
 
@@ -47,7 +47,8 @@ def get_config():
     s = c.sample
     s.classes = "0,1,2,3,4,5,6,7,8,9"
     s.per_class = 8
-    s.num_steps = 100
+    s.sampler = "ddim"  # deterministic 50 steps: cleaner strokes than ancestral DDPM-100 at half the cost
+    s.num_steps = 50
     s.cfg_scale = 4.0
     s.cfg_channels = None  # one grey channel: guide it (the 3-channel quirk is for 4-channel latents)
     s.batch_size = 80
