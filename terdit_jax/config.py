@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from terdit_jax.diffusion.gaussian import PREDICTIONS
 from terdit_jax.models.dit import PRESETS
 
 
@@ -156,8 +157,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("model.packed_backend", f"{m.packed_backend!r} is not one of 'auto', 'pallas', 'xla'")
     if s.sampler not in ("ddpm", "ddim"):
         _fail("sample.sampler", f"{s.sampler!r} is not 'ddpm' or 'ddim'")
-    if m.prediction not in ("eps", "v"):
-        _fail("model.prediction", f"{m.prediction!r} is not 'eps' or 'v'")
+    if m.prediction not in PREDICTIONS:
+        _fail("model.prediction", f"{m.prediction!r} is not one of {PREDICTIONS}")
     with c.unlocked():
         m.cond_dim = min(m.dim, 1024)
         m.out_channels = m.in_channels * (2 if m.learn_sigma else 1)
