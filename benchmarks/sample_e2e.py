@@ -4,7 +4,7 @@ For each model size, the same architecture is sampled twice in the same run (250
 cfg 4.0 on 3 channels, one 256 px image = a 32×32×4 latent, so the model sees batch 2):
 
 * packed: `model.linear='packed'` (2-bit codes, `terdit_kernels.ternary_matmul`, bf16 activations), adaLN of
-  all blocks fused into one matmul per step (`models.packed.PackedApply`);
+  all blocks fused into one matmul per step (`model_fn.PackedApply`);
 * bf16:   `model.linear='fp'` with every parameter stored in bf16 (Large-DiT at bf16).
 
 Weights are random (timing and memory do not depend on their values) and are generated on the host leaf
@@ -37,7 +37,8 @@ from terdit_jax.config import base_config, finalize
 from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.diffusion.samplers import sample
 from terdit_jax.models import packed as packed_lib
-from terdit_jax.models.dit import DiT
+from terdit_jax.model_fn import ApplyDiT, PackedApply, split_packed
+from terdit_jax.models.families import abstract
 from terdit_kernels import resolve_backend
 
 MODELS = {"600M": "DiT_Llama_600M_patch2", "4.2B": "DiT_Llama_3B_patch2"}
@@ -80,11 +81,10 @@ def abstract_build(model_cfg, variant: str):
     """(apply, params as ShapeDtypeStructs) of a variant, nothing allocated (for --compile_only)."""
     if variant == "packed":
         model = nnx.eval_shape(lambda: packed_lib.fuse_adaln(packed_lib.configure_packed(
-            DiT(model_cfg, rngs=nnx.Rngs(0)), *packed_lib.packed_settings(model_cfg))))
+            abstract(model_cfg), *packed_lib.packed_settings(model_cfg))))
         graphdef, params = nnx.split(model)
-        return packed_lib.PackedApply(graphdef), params
-    from terdit_jax.model_fn import ApplyDiT
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: DiT(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
+        return PackedApply(graphdef), params
+    graphdef, params = nnx.split(abstract(model_cfg), nnx.Param)
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16 if s.dtype == jnp.float32 else s.dtype),
                           params)
     return ApplyDiT(graphdef), params
@@ -108,9 +108,9 @@ def compiled_step_memory(apply, params, model_cfg) -> dict:
 
 def build(model_cfg, variant: str, seed: int = 0):
     """(apply, params) with random weights, allocated leaf by leaf in their final dtype."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DiT(model_cfg, rngs=nnx.Rngs(0))))
+    graphdef, shapes = nnx.split(abstract(model_cfg))
     leaves, rng = [], np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(abstract):
+    for path, var in nnx.to_flat_state(shapes):
         leaf = var.get_value()
         if variant == "bf16" and leaf.dtype == jnp.float32:
             leaf = jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16)
@@ -118,8 +118,7 @@ def build(model_cfg, variant: str, seed: int = 0):
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
     if variant == "packed":
         packed_lib.configure_packed(model, *packed_lib.packed_settings(model_cfg))
-        return packed_lib.split_packed(model, fuse=True)
-    from terdit_jax.model_fn import ApplyDiT
+        return split_packed(model, fuse=True)
     graphdef, params = nnx.split(model, nnx.Param)
     return ApplyDiT(graphdef), params
 

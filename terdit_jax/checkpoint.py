@@ -17,22 +17,30 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from terdit_jax.model_fn import abstract_model
+from terdit_jax.models.families import DEFAULT_FAMILY, family_of
+from terdit_jax import train_state
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which one and what to do."""
 
 
-ADDED_MODEL_FIELDS = {"prediction": "eps"}  # model fields added later, with the value every older checkpoint has
+# Model fields added later, with the value every older checkpoint and export has.
+ADDED_MODEL_FIELDS = {"prediction": "eps", "family": DEFAULT_FAMILY, "sites": ()}
+# Compute settings do not change the parameter tree; every other model field does (or changes its meaning).
+RUNTIME_MODEL_FIELDS = ("dtype", "alpha_init", "ternary_gamma", "tensor_shards", "packed_act_dtype", "packed_backend")
 
 
 def _model_signature(model_cfg) -> dict:
+    """The architecture fields of a model config (JSON-normalised, so tuples compare equal to lists)."""
     d = {**ADDED_MODEL_FIELDS, **(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg))}
-    # Compute settings do not change the parameter tree; everything else does (or changes its meaning).
-    runtime = ("dtype", "alpha_init", "ternary_gamma", "packed_act_dtype", "packed_backend")
-    return {k: v for k, v in sorted(d.items()) if k not in runtime}
+    skip = set(RUNTIME_MODEL_FIELDS) | set(family_of(d).unused_fields)
+    return json.loads(json.dumps({k: v for k, v in sorted(d.items()) if k not in skip}))
 
 
 @jax.jit
@@ -115,7 +123,7 @@ class Checkpoints:
 
     def check_architecture(self, step: int, model_cfg, ignore: tuple[str, ...] = ()):
         """Refuse a checkpoint whose model config differs from `model_cfg` (fields in `ignore` may differ)."""
-        saved = {**ADDED_MODEL_FIELDS, **self.meta(step).get("model", {})}
+        saved = _model_signature(self.meta(step).get("model", {}))
         want = _model_signature(model_cfg)
         diff = {k: (saved.get(k), want.get(k)) for k in set(saved) | set(want)
                 if saved.get(k) != want.get(k) and k not in ignore}
@@ -124,19 +132,48 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is a different architecture "
                                   f"({lines}); use the config it was trained with or another --workdir")
 
+    def save_weights(self, step: int, ema, model_cfg, source: dict) -> None:
+        """A weights-only checkpoint ({"ema": params}, no optimizer state): what an importer of released weights
+        writes, so that `--mode sample|eval` and `train.init_from` read it like a trained run's checkpoint."""
+        if not bool(_all_finite(ema)):
+            raise CheckpointError(f"refusing to save step {step}: the weights contain NaN/inf")
+        meta = {"model": _model_signature(model_cfg), "step": int(step), "process_count": jax.process_count(),
+                "data_state": [], "weights_only": True, "source": source}
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"ema": ema}),
+                                                        meta=ocp.args.JsonSave(meta)))
+        self.manager.wait_until_finished()
+
+    def weights_only(self, step: int) -> bool:
+        return bool(self.meta(step).get("weights_only", False))
+
     def restore(self, step: int, abstract_state, model_cfg, *, ignore: tuple[str, ...] = ()):
         """Restore `step` onto the structure (and shardings) of `abstract_state`; checks the architecture first
         (model fields in `ignore` may differ, e.g. input_size when a 512 px run starts from 256 px weights).
         The shardings may come from another mesh than the one that saved it (Orbax reshards on read)."""
         self.check_architecture(step, model_cfg, ignore)
+        if self.weights_only(step):
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} holds weights only (imported: "
+                                  f"{self.meta(step).get('source', {})}); sample or evaluate from it, or fine-tune "
+                                  f"it in a new --workdir with --config.train.init_from={os.path.dirname(self.directory)}")
         return self._read(step, ocp.args.StandardRestore(abstract_state))
 
-    def restore_ema(self, step: int, abstract_ema, model_cfg):
-        """Only the EMA weights of `step` (a partial restore: the optimizer state and params are never read)."""
-        self.check_architecture(step, model_cfg)
-        item = {"ema": abstract_ema}
+    def _partial(self, step: int, item: dict) -> dict:
         return self._read(step, ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))["ema"]
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+
+    def restore_ema(self, step: int, abstract_ema, model_cfg, *, ignore: tuple[str, ...] = ()):
+        """Only the EMA weights of `step` (a partial restore: the optimizer state and params are never read)."""
+        self.check_architecture(step, model_cfg, ignore)
+        return self._partial(step, {"ema": abstract_ema})["ema"]
+
+    def restore_weights(self, step: int, abstract_params, model_cfg, *, ignore: tuple[str, ...] = ()):
+        """(params, EMA) of `step` without the optimizer state; a weights-only checkpoint gives its EMA twice."""
+        self.check_architecture(step, model_cfg, ignore)
+        if self.weights_only(step):
+            ema = self._partial(step, {"ema": abstract_params})["ema"]
+            return jax.tree.map(jnp.copy, ema), ema
+        out = self._partial(step, {"params": abstract_params, "ema": abstract_params})
+        return out["params"], out["ema"]
 
     def _read(self, step: int, args):
         try:
@@ -164,7 +201,7 @@ class Checkpoints:
             try:
                 return step, self.restore(step, abstract_state, model_cfg)
             except CheckpointError as e:
-                if not fallback or "different architecture" in str(e):
+                if not fallback or "different architecture" in str(e) or "weights only" in str(e):
                     raise
                 dest = self.quarantine(step)
                 log(f"warning: {e}\n  moved to {dest}; trying the previous checkpoint")
@@ -185,8 +222,6 @@ class Checkpoints:
 def load_ema(config, workdir: str, step: int = -1):
     """EMA params of checkpoint `step` (-1 = newest) in workdir/checkpoints, on the first local device, read
     without the optimizer state (2× the model for Adam) → (apply, params, step)."""
-    from terdit_jax.train import abstract_state  # train imports this module
-
     ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
         steps = ckpt.steps()
@@ -196,7 +231,7 @@ def load_ema(config, workdir: str, step: int = -1):
         step = steps[-1] if step < 0 else step
         if step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}")
-        apply, abstract = abstract_state(config)
+        apply, abstract = train_state.abstract_state(config)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         ema = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract["ema"])
         return apply, ckpt.restore_ema(step, ema, config.model), step
@@ -223,11 +258,7 @@ def export_orbax(config, workdir: str, out_dir: str, step: int = -1, *, log=prin
 
 
 def load_exported(out_dir: str):
-    """→ (model config dict, EMA params) of an `export_orbax` folder; build the model from the config with
-    terdit_jax.model_fn.abstract_model to get the tree to restore onto."""
-    import ml_collections
-    from terdit_jax.model_fn import abstract_model
-
+    """→ (model config, EMA params) of an `export_orbax` folder."""
     with open(os.path.join(out_dir, "model_config.json")) as f:
         cfg = ml_collections.ConfigDict(json.load(f)["model"])
     _, abstract = abstract_model(cfg)

@@ -9,7 +9,16 @@ import ml_collections
 from ml_collections import config_dict
 
 from terdit_jax.diffusion.gaussian import PREDICTIONS
-from terdit_jax.models.dit import PRESETS
+from terdit_jax.diffusion.samplers import SAMPLERS
+from terdit_jax.diffusion.schedule import space_timesteps
+from terdit_jax.models.families import FAMILIES
+from terdit_jax.models.linears import LINEAR_KINDS
+from terdit_jax.models.ternary import ALPHA_INITS, GAMMA_MODES
+from terdit_jax.parallel import REMAT_POLICIES
+from terdit_kernels.ops import BACKENDS
+from terdit_kernels.reference import ACT_DTYPES
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -21,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = m = ml_collections.ConfigDict()
-    m.name = "DiT_Llama_600M_patch2"  # a PRESETS key, or "custom" to use dim/n_layers/n_heads as given
+    m.family = "large_dit"  # models.families.FAMILIES: "large_dit" (TerDiT / Large-DiT) or "dit" (the original DiT)
+    m.name = "DiT_Llama_600M_patch2"  # a preset of the family, or "custom" to use dim/n_layers/n_heads as given
     m.dim, m.n_layers, m.n_heads = 1536, 16, 32
     m.patch_size = 2
     m.in_channels = 4
@@ -45,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"  # compute dtype; parameters and the quantizer stay float32
     m.packed_act_dtype = "bf16"  # linear="packed": activations of the 2-bit matmul, bf16 (W2A16), f32 or int8 (W2A8)
     m.packed_backend = "auto"  # linear="packed": "auto" (Pallas on GPU, XLA elsewhere), "pallas" or "xla"
+    # Quantization sites (quant/sites.py): ordered rules {"path": regex, "kind": quantizer kind, **settings}; the
+    # first match wins. Empty: no site is quantized. A quantization method writes these; users rarely do.
+    m.sites = ()
 
     c.data = d = ml_collections.ConfigDict()
     d.kind = "imagenet_latents"  # "digits" | "imagenet_latents" | "imagenet"
@@ -121,46 +134,56 @@ def _fail(field: str, msg: str):
     raise ConfigError(f"config.{field}: {msg}")
 
 
+def _one_of(field: str, value, allowed):
+    if value not in allowed:
+        _fail(field, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Check `config` and return a copy with derived fields filled. Raises ConfigError."""
+    """Check `config` and return a copy with derived fields filled. Raises ConfigError.
+
+    The allowed values of every registry-backed field come from the registry itself."""
     c = ml_collections.ConfigDict(config.to_dict())
     m, d, t, s = c.model, c.data, c.train, c.sample
+    _one_of("model.family", m.family, FAMILIES.names())
+    family = FAMILIES.get(m.family)
     if m.name != "custom":
-        if m.name not in PRESETS:
-            _fail("model.name", f"unknown model {m.name!r}; known: {sorted(PRESETS)} or 'custom'")
-        m.dim, m.n_layers, m.n_heads = PRESETS[m.name]
-    if m.dim % m.n_heads or (m.dim // m.n_heads) % 2:
-        _fail("model.dim", f"{m.dim} must split into {m.n_heads} heads of even size")
-    if m.linear not in ("fp", "ternary", "packed"):
-        _fail("model.linear", f"{m.linear!r} is not one of 'fp', 'ternary', 'packed'")
-    if m.alpha_init not in ("randn", "xavier_absmean", "one"):
-        _fail("model.alpha_init", f"{m.alpha_init!r} is not one of 'randn', 'xavier_absmean', 'one'")
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        _fail("model.dtype", f"{m.dtype!r} is not one of float32, bfloat16, float16")
+        if m.name not in family.presets:
+            _fail("model.name", f"unknown model {m.name!r} for family {m.family!r}; known: "
+                  f"{sorted(family.presets)} or 'custom'")
+        m.update(family.presets[m.name])
+    bad = family.check(m)
+    if bad:
+        _fail("model", bad)
+    _one_of("model.linear", m.linear, LINEAR_KINDS.names())
+    _one_of("model.alpha_init", m.alpha_init, ALPHA_INITS)
+    _one_of("model.dtype", m.dtype, DTYPES)
+    _one_of("model.ternary_gamma", m.ternary_gamma, GAMMA_MODES)
+    _one_of("model.packed_act_dtype", m.packed_act_dtype, tuple(ACT_DTYPES))
+    _one_of("model.packed_backend", m.packed_backend, BACKENDS)
+    _one_of("model.prediction", m.prediction, PREDICTIONS)
+    _one_of("parallel.remat", c.parallel.remat, ("none", *REMAT_POLICIES))
+    _one_of("sample.sampler", s.sampler, SAMPLERS.names())
     input_size = d.image_size // 8 if d.latent else d.image_size
     if (d.latent and d.image_size % 8) or input_size % m.patch_size:
         _fail("data.image_size", f"{d.image_size} px does not split into {m.patch_size}-patches"
               + (" of the /8 VAE latent" if d.latent else ""))
     if t.batch_size <= 0 or t.steps < 0:
         _fail("train", "batch_size must be positive and steps non-negative")
-    if m.ternary_gamma not in ("global", "shard"):
-        _fail("model.ternary_gamma", f"{m.ternary_gamma!r} is not 'global' or 'shard'")
-    if c.parallel.remat not in ("none", "full", "dots"):
-        _fail("parallel.remat", f"{c.parallel.remat!r} is not one of 'none', 'full', 'dots'")
     if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
         _fail("train.grad_accum_steps", f"{t.grad_accum_steps} must be >= 1 and divide train.batch_size={t.batch_size}")
-    if m.pos_embed not in ("none", "sincos"):
-        _fail("model.pos_embed", f"{m.pos_embed!r} is not 'none' or 'sincos'")
-    if m.packed_act_dtype not in ("bf16", "f32", "int8"):
-        _fail("model.packed_act_dtype", f"{m.packed_act_dtype!r} is not one of 'bf16', 'f32', 'int8'")
-    if m.packed_backend not in ("auto", "pallas", "xla"):
-        _fail("model.packed_backend", f"{m.packed_backend!r} is not one of 'auto', 'pallas', 'xla'")
-    if s.sampler not in ("ddpm", "ddim"):
-        _fail("sample.sampler", f"{s.sampler!r} is not 'ddpm' or 'ddim'")
-    if m.prediction not in PREDICTIONS:
-        _fail("model.prediction", f"{m.prediction!r} is not one of {PREDICTIONS}")
+    try:  # the respacing the samplers will build, so a bad step count fails here and not mid-run
+        space_timesteps(c.diffusion.num_timesteps, str(s.num_steps))
+    except ValueError as e:
+        _fail("sample.num_steps", f"{s.num_steps!r} cannot respace {c.diffusion.num_timesteps} steps ({e}); use an "
+              f"integer in 1..{c.diffusion.num_timesteps}")
+    if not 1 <= int(s.num_steps) <= c.diffusion.num_timesteps:
+        _fail("sample.num_steps", f"{s.num_steps} must lie in 1..{c.diffusion.num_timesteps}")
+    if s.batch_size < 1:
+        _fail("sample.batch_size", f"{s.batch_size} must be positive")
     with c.unlocked():
-        m.cond_dim = min(m.dim, 1024)
+        m.sites = tuple(dict(r) for r in (m.sites or ()))
+        m.cond_dim = family.cond_dim(m.dim)
         m.out_channels = m.in_channels * (2 if m.learn_sigma else 1)
         m.input_size = input_size
     return c

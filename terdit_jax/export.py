@@ -20,19 +20,23 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
 import terdit_kernels
-from terdit_jax.models import packed as packed_lib  # registers LINEAR_KINDS["packed"]
-from terdit_jax.models.dit import DiT
+from terdit_jax import trees
+from terdit_jax.checkpoint import ADDED_MODEL_FIELDS, RUNTIME_MODEL_FIELDS, load_ema
+from terdit_jax.labels import LABEL_ORDERS
+from terdit_jax.model_fn import split_packed
+from terdit_jax.models import packed as packed_lib
+from terdit_jax.models.families import abstract
 from terdit_jax.models.ternary import absmean_ternary
 
 FORMAT_NAME = "terdit-jax-packed"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARAMS_DIR = "params"
-LABEL_ORDERS = ("imagenet", "official_string_sorted")  # see convert.terdit_official.official_label
 
 
 class ExportError(RuntimeError):
@@ -41,16 +45,13 @@ class ExportError(RuntimeError):
 
 def packed_model_config(model_cfg):
     """A copy of the model config with `linear='packed'` (the deployed model's architecture)."""
-    import ml_collections
     d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    d["linear"] = "packed"
-    return ml_collections.ConfigDict(d)
+    return ml_collections.ConfigDict({**d, "linear": "packed"})
 
 
 def abstract_packed(model_cfg):
     """(graphdef, abstract nnx.State) of the packed model, shapes only (nothing allocated)."""
-    cfg = packed_model_config(model_cfg)
-    return nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
+    return nnx.split(abstract(packed_model_config(model_cfg)))
 
 
 def packed_nbytes(model_cfg) -> int:
@@ -58,26 +59,6 @@ def packed_nbytes(model_cfg) -> int:
     _, state = abstract_packed(model_cfg)
     return int(sum(v.get_value().size * np.dtype(v.get_value().dtype).itemsize
                    for _, v in nnx.to_flat_state(state)))
-
-
-def _key(path) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def _to_flat(params) -> dict[str, object]:
-    """An nnx.State or nested (pure) dict → {'layers.0.attention.wq.kernel': array}."""
-    if isinstance(params, nnx.State):
-        return {_key(p): v.get_value() for p, v in nnx.to_flat_state(params)}
-    out = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(prefix + (k,), v)
-        else:
-            out[_key(prefix)] = node.get_value() if isinstance(node, nnx.Variable) else node
-    walk((), params)
-    return out
 
 
 @jax.jit
@@ -93,47 +74,30 @@ def pack_state(ternary_params, model_cfg) -> nnx.State:
     and every other variable are copied (cast to the packed model's dtype, float32). Unknown or missing
     paths raise ExportError listing them.
     """
-    src = _to_flat(ternary_params)
-    _, abstract = abstract_packed(model_cfg)
-    used, missing, bad_shape, leaves = set(), [], [], []
-    for path, var in nnx.to_flat_state(abstract):
-        want = var.get_value()
-        key = _key(path)
+    src = trees.flat(ternary_params)
+    used = set()
+
+    def lookup(path, want):
         if path[-1] == "packed":
-            kkey = _key(path[:-1] + ("kernel",))
-            if kkey not in src:
-                missing.append(kkey)
-                continue
-            used.add(kkey)
-            value = _quantize_and_pack(jnp.asarray(src[kkey], jnp.float32))
-        else:
-            if key not in src:
-                missing.append(key)
-                continue
-            used.add(key)
-            value = jnp.asarray(src[key], want.dtype)
-        if value.shape != want.shape:
-            bad_shape.append(f"{key}: {value.shape} vs {want.shape}")
-            continue
-        leaves.append((path, var.replace(value)))
+            k = trees.key(path[:-1] + ("kernel",))
+            if k not in src:
+                raise KeyError(k)
+            used.add(k)
+            return _quantize_and_pack(jnp.asarray(src[k], jnp.float32))
+        k = trees.key(path)
+        if k not in src:
+            raise KeyError(k)
+        used.add(k)
+        return src[k]
+
+    state, missing, bad_shape = trees.fill(abstract_packed(model_cfg)[1], lookup)
     extra = sorted(set(src) - used)
     if missing or extra or bad_shape:
         raise ExportError("the parameters do not match the packed model of this config: "
                           f"missing {missing[:20]}{'…' if len(missing) > 20 else ''}; unexpected {extra[:20]}; "
                           f"wrong shapes {bad_shape[:20]} (was the checkpoint trained with this model config, "
                           "with model.linear='ternary'?)")
-    return nnx.from_flat_state(leaves)
-
-
-def _nested_str(state: nnx.State) -> dict:
-    """nnx.State → nested dict with string keys and numpy/jax array leaves (the on-disk tree)."""
-    out: dict = {}
-    for path, var in nnx.to_flat_state(state):
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(str(p), {})
-        node[str(path[-1])] = var.get_value()
-    return out
+    return state
 
 
 def _finish_dir(tmp: str, out_dir: str, overwrite: bool):
@@ -160,7 +124,7 @@ def write_packed(out_dir: str, state: nnx.State, model_cfg, *, label_order: str 
     if os.path.exists(out_dir) and not overwrite:
         raise ExportError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     cfg = packed_model_config(model_cfg)
-    flat = {_key(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    flat = trees.flat(state)
     ternary = sorted(k[:-len(".packed")] for k in flat if k.endswith(".packed"))
     nbytes = int(sum(v.nbytes for v in flat.values()))
     manifest = {
@@ -171,12 +135,13 @@ def write_packed(out_dir: str, state: nnx.State, model_cfg, *, label_order: str 
         "ternary_layers": ternary, "dtypes": sorted({str(np.dtype(v.dtype)) for v in flat.values()}),
         "source": source or {},
     }
+    manifest = json.loads(json.dumps(manifest))  # exactly what a reader gets back (tuples become lists)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
     try:
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, PARAMS_DIR), _nested_str(state))
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), trees.nested(state))
         ckptr.wait_until_finished()
         ckptr.close()
         with open(os.path.join(tmp, MANIFEST), "w") as f:  # written last: its presence marks a complete export
@@ -199,7 +164,6 @@ def export_packed(config, workdir_or_params, out_dir: str, *, step: int = -1, ov
         raise ExportError(f"export packs a ternary QAT model; config.model.linear is {config.model.linear!r}")
     source = {"kind": "terdit-jax-ema"}
     if isinstance(workdir_or_params, (str, os.PathLike)):
-        from terdit_jax.checkpoint import load_ema
         _, params, step = load_ema(config, str(workdir_or_params), step)
         source.update(workdir=os.path.abspath(workdir_or_params), step=int(step))
     else:
@@ -228,53 +192,40 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def load_packed(path: str, *, act_dtype: str | None = None, backend: str | None = None, dtype: str | None = None,
-                fuse_adaln: bool = True):
+def runtime_model_config(arch: dict, runtime=None) -> ml_collections.ConfigDict:
+    """The model config to run a stored architecture with: every architecture field from `arch` (a manifest's
+    or checkpoint's model config), the compute settings (`RUNTIME_MODEL_FIELDS`: dtype, packed activation
+    precision and backend) from `runtime`, the user's config, where it has them."""
+    runtime = {} if runtime is None else (runtime.to_dict() if hasattr(runtime, "to_dict") else dict(runtime))
+    mine = {k: runtime[k] for k in RUNTIME_MODEL_FIELDS if runtime.get(k) is not None}
+    return ml_collections.ConfigDict({**ADDED_MODEL_FIELDS, **arch, **mine})
+
+
+def load_packed(path: str, runtime=None, *, fuse_adaln: bool = True):
     """Restore a packed export → (apply, params, model_cfg_dict, manifest).
 
     apply(params, x, t, y) has the `model_fn.ApplyDiT` contract (use `model_fn.bind(apply, params)` with the
-    samplers). act_dtype/backend: packed matmul settings (default from the manifest's model config, else
-    'bf16'/'auto'); dtype overrides the compute dtype; fuse_adaln computes all blocks' adaLN in one matmul.
+    samplers). The architecture comes from the manifest; the compute settings (`model.dtype`,
+    `model.packed_act_dtype`, `model.packed_backend`) from `runtime` (a model config or a dict of those fields;
+    default: the manifest's). fuse_adaln computes all blocks' adaLN in one matmul.
     """
-    import ml_collections
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
     manifest = read_manifest(path)
-    cfg = ml_collections.ConfigDict(manifest["model"])
-    if dtype is not None:
-        cfg.dtype = dtype
-    graphdef, abstract = abstract_packed(cfg)
-    target = _nested_str(abstract)
+    cfg = runtime_model_config(manifest["model"], runtime)
+    graphdef, target = abstract_packed(cfg)
     try:
         ckptr = ocp.StandardCheckpointer()
-        tree = ckptr.restore(os.path.join(path, PARAMS_DIR), target)
+        tree = ckptr.restore(os.path.join(path, PARAMS_DIR), trees.nested(target))
         ckptr.close()
     except Exception as e:  # orbax raises many types for truncated or mismatching trees
         raise ExportError(f"{path}: the packed parameters could not be read ({type(e).__name__}: {str(e)[:300]})") from e
-    leaves = []
-    for p, var in nnx.to_flat_state(abstract):
-        node = tree
-        for part in p:
-            node = node[str(part)]
-        leaves.append((p, var.replace(jnp.asarray(node))))
-    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
-    want_act, want_backend = packed_lib.packed_settings(cfg)
-    packed_lib.configure_packed(model, act_dtype or want_act, backend or want_backend)
-    apply, params = packed_lib.split_packed(model, fuse=fuse_adaln)
+    state, missing, bad = trees.fill(target, trees.lookup_nested(tree))
+    if missing or bad:
+        raise ExportError(f"{path}: the packed parameters do not match its manifest (missing {missing[:10]}, "
+                          f"bad {bad[:10]}); re-export it")
+    model = nnx.merge(graphdef, state)
+    packed_lib.configure_packed(model, *packed_lib.packed_settings(cfg))
+    apply, params = split_packed(model, fuse=fuse_adaln)
     return apply, params, cfg.to_dict(), manifest
-
-
-def to_model_labels(labels, manifest: dict) -> np.ndarray:
-    """ImageNet class indices → the labels the exported model was trained with (identity for our own
-    exports; the string-sorted class order for the released TerDiT weights, terdit_official.md §3.1).
-    The null class (num_classes) is passed through unchanged."""
-    labels = np.asarray(labels, np.int64)
-    n = int(manifest["num_classes"])
-    if labels.size and (labels.min() < 0 or labels.max() > n):
-        raise ValueError(f"labels must lie in [0, {n}] ({n} = null class), got {labels.min()}..{labels.max()}")
-    if manifest.get("label_order", "imagenet") == "imagenet":
-        return labels.astype(np.int32)
-    from terdit_jax.convert.terdit_official import official_label_table
-    table = official_label_table(n)
-    return np.where(labels == n, labels, table[np.minimum(labels, n - 1)]).astype(np.int32)

@@ -9,14 +9,15 @@ import json
 import os
 import re
 import sys
+from typing import Callable
 
 from absl import app, flags
 from ml_collections import config_flags
 
 import terdit_jax.configs as _configs
+from terdit_jax.registry import Registry
 
 _DEMO = os.path.join(os.path.dirname(_configs.__file__), "demo.py")
-MODES = ("train", "sample", "eval", "export", "export_orbax", "extract_latents")
 
 FLAGS = flags.FLAGS
 
@@ -27,7 +28,7 @@ def _define_flags():
     config_flags.DEFINE_config_file("config", _DEMO, "ml_collections config file (get_config()).", lock_config=True)
     flags.DEFINE_string("workdir", None, "Output directory (checkpoints/, samples/, metrics.jsonl). "
                         "Default: runs/<config name>.")
-    flags.DEFINE_enum("mode", "train", MODES, "What to do: " + ", ".join(MODES))
+    flags.DEFINE_enum("mode", "train", MODES.names(), "What to do: " + ", ".join(MODES.names()))
     flags.DEFINE_string("out", None, "export/export_orbax: output directory (default <workdir>/packed or <workdir>/export_orbax)")
     flags.DEFINE_bool("overwrite", False, "export: replace an existing export")
 
@@ -72,74 +73,59 @@ def _check_workdir(workdir: str):
         raise PermissionError(f"cannot write to workdir {workdir!r} ({e.strerror}); pass a writable --workdir") from e
 
 
-def extract_latents(config, *, log=print) -> dict:
-    """--mode extract_latents: data.image_path → SD-VAE moments of every image and its mirror in data.path."""
-    import jax
-    import numpy as np
+def _train(config, workdir: str, out_dir: str | None, overwrite: bool):
+    from terdit_jax.train import run_train_mode
+    run_train_mode(config, workdir, log=_say)
 
-    from terdit_jax.data.latents import extract_latents as extract
-    from terdit_jax.vae import load_vae
 
-    d = config.data
-    if not (d.image_path and d.path and d.vae_path):
-        raise FileNotFoundError("extract_latents needs --config.data.image_path (ImageNet train images), "
-                                "--config.data.path (where the latent shards go) and --config.data.vae_path")
-    vae = load_vae(d.vae_path, dtype=jax.numpy.dtype(config.model.dtype))
-    encode = jax.jit(vae.encode)
-    log(f"encoding {d.image_path} at {d.image_size} px into {d.path} (resumable) ...")
-    return extract(d.image_path, lambda x: np.asarray(encode(x)), d.path, image_size=d.image_size,
-                   batch_size=d.extract_batch_size, process_index=jax.process_index(),
-                   process_count=jax.process_count())
+def _sample(config, workdir: str, out_dir: str | None, overwrite: bool):
+    from terdit_jax.sample import run_sample_mode
+    paths = run_sample_mode(config, workdir, log=_say)
+    _say(f"sample grid: {paths['grid']}\nsamples npz: {paths['npz']}")
+
+
+def _eval(config, workdir: str, out_dir: str | None, overwrite: bool):
+    from terdit_jax.eval.run import run_eval_mode
+    report = run_eval_mode(config, workdir, log=_say)
+    _say(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=1))
+    _say(f"report: {report['report']}")
+
+
+def _export(config, workdir: str, out_dir: str | None, overwrite: bool):
+    from terdit_jax.export import export_packed
+    out = out_dir or os.path.join(workdir, "packed")
+    manifest = export_packed(config, workdir, out, step=config.sample.step, overwrite=overwrite)
+    _say(f"packed checkpoint: {out} ({manifest['nbytes'] / 1e6:.1f} MB); sample from it with "
+         f"--mode sample --config.sample.packed_path={out}")
+
+
+def _export_orbax(config, workdir: str, out_dir: str | None, overwrite: bool):
+    from terdit_jax.checkpoint import export_orbax
+    out = export_orbax(config, workdir, out_dir or os.path.join(workdir, "export_orbax"), config.sample.step,
+                       log=_say)
+    _say(f"EMA inference checkpoint: {out}")
+
+
+def _extract_latents(config, workdir: str, out_dir: str | None, overwrite: bool):
+    from terdit_jax.data.latents import run_extract_mode
+    manifest = run_extract_mode(config, log=_say)
+    _say(f"latents: {config.data.path} ({manifest.get('num_records', '?')} records, complete: "
+         f"{manifest.get('complete')}); train with --config.data.kind=imagenet_latents")
+
+
+# --mode name → handler(config, workdir, --out, --overwrite); each does its work in the module it imports.
+MODES: Registry[Callable] = Registry("mode", {
+    "train": _train, "sample": _sample, "eval": _eval, "export": _export, "export_orbax": _export_orbax,
+    "extract_latents": _extract_latents,
+})
 
 
 def run(config, workdir: str, mode: str):
-    from terdit_jax import sample as sampling, train as training
     from terdit_jax.config import finalize
 
     config = finalize(config)
     _check_workdir(workdir)
-    if mode == "train":
-        import jax
-        out = training.train(config, workdir, log=_say)
-        if out["preempted"]:
-            _say(f"preempted: saved step {out['step']} in {out['checkpoints']}; rerun the same command to resume")
-            return
-        grid = os.path.join(workdir, "samples", "final_grid.png")
-        _say("sampling the final grid from the EMA weights ...")
-        images, labels = training.sample_grid(out["apply"], out["state"]["ema"], config, grid,
-                                              jax.random.key(config.sample.seed))
-        if jax.process_index() == 0 and config.data.kind == "digits" and config.eval.demo_quality:
-            from terdit_jax.eval.run import digits_quality
-            _say("measuring sample quality (class accuracy; FID/precision/recall vs held-out digits) ...")
-            quality = digits_quality(config, workdir, images, labels, log=_say)
-            training.MetricsLog(workdir).write(out["step"], quality)
-            _say("quality: " + ", ".join(f"{k}={v:.4g}" for k, v in quality.items()))
-        if jax.process_index() == 0:
-            _say(f"checkpoints: {out['checkpoints']}\nmetrics:     {out['metrics']}\n"
-                 f"tensorboard: {os.path.join(workdir, 'tensorboard')}\nsample grid: {grid}")
-    elif mode == "sample":
-        paths = sampling.run_sample_mode(config, workdir, log=_say)
-        _say(f"sample grid: {paths['grid']}\nsamples npz: {paths['npz']}")
-    elif mode == "eval":
-        from terdit_jax.eval.run import run_eval_mode
-        report = run_eval_mode(config, workdir, log=_say)
-        _say(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=1))
-        _say(f"report: {report['report']}")
-    elif mode == "extract_latents":
-        manifest = extract_latents(config, log=_say)
-        _say(f"latents: {config.data.path} ({manifest.get('num_records', '?')} records, complete: "
-             f"{manifest.get('complete')}); train with --config.data.kind=imagenet_latents")
-    elif mode == "export_orbax":
-        from terdit_jax.checkpoint import export_orbax
-        out = export_orbax(config, workdir, FLAGS.out or os.path.join(workdir, "export_orbax"), config.sample.step,
-                           log=_say)
-        _say(f"EMA inference checkpoint: {out}")
-    elif mode == "export":
-        from terdit_jax.export import export_packed
-        out = FLAGS.out or os.path.join(workdir, "packed")
-        manifest = export_packed(config, workdir, out, step=config.sample.step, overwrite=FLAGS.overwrite)
-        _say(f"packed checkpoint: {out} ({manifest['nbytes'] / 1e6:.1f} MB); sample from it with "
-             f"--mode sample --config.sample.packed_path={out}")
+    MODES.get(mode)(config, workdir, FLAGS.out, FLAGS.overwrite)
 
 
 def main(argv):
@@ -150,6 +136,7 @@ def main(argv):
     from terdit_jax.checkpoint import CheckpointError
     from terdit_jax.config import ConfigError
     from terdit_jax.export import ExportError
+    from terdit_jax.quant.sites import SiteError
     from terdit_jax.train import TrainingDiverged
 
     config = FLAGS.config
@@ -159,7 +146,8 @@ def main(argv):
         from terdit_jax.parallel import initialize_distributed
         initialize_distributed(config)
         run(config, workdir, FLAGS.mode)
-    except (ConfigError, CheckpointError, TrainingDiverged, ExportError, FileNotFoundError, PermissionError) as e:
+    except (ConfigError, CheckpointError, TrainingDiverged, ExportError, SiteError, FileNotFoundError,
+            PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -2,41 +2,24 @@
 training forward pass (per-block rematerialisation and activation sharding constraints).
 
 Mesh axes are ('data', 'fsdp', 'tensor'). Parameters carry logical axis names (`logical_axes` metadata on every
-nnx.Param, e.g. ('embed', 'heads')); `RULES` maps each logical name to mesh axes, as maxtext's
+nnx.Param, e.g. ('embed', 'heads')); `logical_axes.RULES` maps each logical name to mesh axes, as maxtext's
 `logical_axis_rules` do. The mesh uses `AxisType.Auto` on purpose: the model is written with plain jnp ops and no
 `out_sharding` annotations, so GSPMD propagation (Auto) is what it needs; JAX ≥0.9 `jax.make_mesh` would default to
 Explicit axes, which demand a sharding for every ambiguous op.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from terdit_jax.models import ternary
-
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# Logical name → mesh axes (the one table). The batch is split over data×fsdp (ZeRO-3/FSDP: every replica group
-# of the fsdp axis holds a slice of each weight and its own slice of the batch); model width over fsdp; attention
-# heads, the SwiGLU hidden width and the 6·D adaLN output over tensor (Megatron column/row split). The
-# conditioning width and token axes stay unsplit.
-RULES: tuple[tuple[str, tuple[str, ...] | str | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("adaln", "tensor"),
-    ("cond", None),
-    ("tokens", None),
-)
+from terdit_jax.logical_axes import MESH_AXES, mesh_axes
+from terdit_jax.models.ternary import GAMMA_MODES
 
 
 # ----------------------------------------------------------------------------------------------- multi-host start
@@ -91,7 +74,7 @@ def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
     return sizes
 
 
-def create_mesh(config=None, devices=None) -> Mesh:
+def create_mesh(config, devices=None) -> Mesh:
     """Mesh ('data', 'fsdp', 'tensor') sized from `config.parallel` (as maxtext's create_device_mesh).
 
     Within a slice (ICI) sizes come from parallel.ici_*, across slices (DCN) from parallel.dcn_*. A slice is a TPU
@@ -99,8 +82,7 @@ def create_mesh(config=None, devices=None) -> Mesh:
     (a -1 there becomes 1).
     """
     from jax.experimental import mesh_utils
-    from terdit_jax.config import base_config
-    p = (config if config is not None else base_config()).parallel
+    p = config.parallel
     devices = list(jax.devices() if devices is None else devices)
     has_slices = hasattr(devices[0], "slice_index") and devices[0].slice_index is not None
     n_slices = len({d.slice_index for d in devices}) if has_slices else len({d.process_index for d in devices})
@@ -118,21 +100,12 @@ def create_mesh(config=None, devices=None) -> Mesh:
 
 # ------------------------------------------------------------------------------------------------------ shardings
 
-def _rule(name):
-    for k, v in RULES:
-        if k == name:
-            return v
-    raise KeyError(f"logical axis {name!r} has no rule in terdit_jax.parallel.RULES")
-
-
 def logical_to_spec(axes, shape, mesh: Mesh) -> P:
     """PartitionSpec of an array with these logical axes. A mesh axis is used once per array; a dimension that
     does not divide by its mesh axes stays unsplit (e.g. a 6-row table on a 4-way axis)."""
     used, spec = set(), []
     for name, size in zip(axes, shape):
-        target = () if name is None else _rule(name)
-        target = (target,) if isinstance(target, str) else tuple(target or ())
-        target = tuple(a for a in target if a not in used and mesh.shape[a] > 1)
+        target = tuple(a for a in mesh_axes(name) if a not in used and mesh.shape[a] > 1)
         if target and size % math.prod(mesh.shape[a] for a in target):
             target = ()
         used.update(target)
@@ -158,11 +131,11 @@ def state_shardings(abstract_state, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) axis over data×fsdp, the rest unsplit."""
-    return NamedSharding(mesh, P(_rule("batch"), *([None] * (ndim - 1))))
+    return NamedSharding(mesh, P(mesh_axes("batch"), *([None] * (ndim - 1))))
 
 
 def batch_spec_divisor(mesh: Mesh) -> int:
-    return math.prod(mesh.shape[a] for a in _rule("batch"))
+    return math.prod(mesh.shape[a] for a in mesh_axes("batch"))
 
 
 def global_batch(local: dict, mesh: Mesh, global_size: int) -> dict:
@@ -190,74 +163,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 # ------------------------------------------------------------------------------------------------ per-shard γ
 
-def absmean_ternary_blocks(w: jax.Array, axis: int, n: int) -> jax.Array:
-    """TerDiT eq. 2 with γ taken separately over each of `n` equal blocks of `axis`: the γ each tensor-parallel
-    rank computes from its local weight shard in the official fairscale Column/RowParallel ternary layers.
-    n = 1 is the global γ (`ternary.absmean_ternary`)."""
-    w = w.astype(jnp.float32)
-    shape = w.shape
-    blocks = w.reshape(shape[:axis] + (n, shape[axis] // n) + shape[axis + 1:])
-    red = tuple(i for i in range(blocks.ndim) if i != axis)
-    gamma = jnp.mean(jnp.abs(blocks), axis=red, keepdims=True)
-    return jnp.clip(jnp.round(blocks / (gamma + ternary.EPS)), -1.0, 1.0).reshape(shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def ternary_weight_blocks(w, alpha, axis: int, n: int):
-    """α·W_t with per-block γ; straight-through gradients exactly as `ternary.ternary_weight` (∂L/∂W = α·g,
-    ∂L/∂α = Σ g ⊙ W_t)."""
-    return alpha * absmean_ternary_blocks(w, axis, n)
-
-
-def _blocks_fwd(w, alpha, axis, n):
-    w_t = absmean_ternary_blocks(w, axis, n)
-    return alpha * w_t, (w_t, alpha)
-
-
-def _blocks_bwd(axis, n, res, g):
-    w_t, alpha = res
-    g = g.astype(jnp.float32)
-    return (alpha * g).astype(w_t.dtype), jnp.sum(g * w_t).reshape(alpha.shape).astype(alpha.dtype)
-
-
-ternary_weight_blocks.defvjp(_blocks_fwd, _blocks_bwd)
-
-
-class ShardGammaTernaryDense(ternary.TernaryDense):
-    """TernaryDense whose γ is computed per tensor-parallel shard of the kernel (`model.ternary_gamma='shard'`).
-
-    The split axis is the kernel axis whose logical name maps to the 'tensor' mesh axis; a kernel not split over
-    'tensor' is whole on every tensor rank, so its γ is global. Parameters (kernel, alpha) are those of
-    TernaryDense, so checkpoints move freely between the two kinds.
-    """
-
-    def __init__(self, in_features: int, out_features: int, *, axes, tensor_shards: int, **kw):
-        super().__init__(in_features, out_features, axes=axes, **kw)
-        shape = (in_features, out_features)
-        self.shard_axis, self.shards = 0, 1
-        for i, name in enumerate(axes):
-            target = None if name is None else _rule(name)
-            target = (target,) if isinstance(target, str) else tuple(target or ())
-            if "tensor" in target and tensor_shards > 1 and shape[i] % tensor_shards == 0:
-                self.shard_axis, self.shards = i, tensor_shards
-
-    def weight(self) -> jax.Array:
-        return ternary_weight_blocks(self.kernel[...], self.alpha[...], self.shard_axis, self.shards)
-
-
 def build_model_config(model_cfg, tensor_shards: int):
-    """The model config to build the network from. With ternary_gamma='shard' it names a linear kind
-    'ternary_shard_<n>' registered here in `ternary.LINEAR_KINDS`; the checkpoint signature keeps the original."""
+    """The model config to build the network from: with ternary_gamma='shard' it records the tensor-parallel shard
+    count (`tensor_shards`, read by the ternary linear kind); the checkpoint signature keeps the original."""
     gamma = model_cfg.get("ternary_gamma", "global")
-    if gamma not in ("global", "shard"):
-        raise ValueError(f"config.model.ternary_gamma={gamma!r} is not 'global' or 'shard'")
+    if gamma not in GAMMA_MODES:
+        raise ValueError(f"config.model.ternary_gamma={gamma!r} is not one of {GAMMA_MODES}")
     if gamma == "global" or model_cfg.linear != "ternary":
         return model_cfg
-    kind = f"ternary_shard_{tensor_shards}"
-    ternary.LINEAR_KINDS[kind] = functools.partial(ShardGammaTernaryDense, alpha_init=model_cfg.alpha_init,
-                                                   tensor_shards=tensor_shards)
     out = ml_collections.ConfigDict(model_cfg.to_dict())
-    out.linear = kind
+    out.tensor_shards = int(tensor_shards)
     return out
 
 
@@ -271,27 +186,27 @@ REMAT_POLICIES = {
 
 
 def forward(graphdef, params, x, t, y, *, remat: str = "none", mesh: Mesh | None = None, constrain_acts=True):
-    """DiT.__call__ (terdit_jax/models/dit.py) rewritten for training: the same modules in the same order, plus
-    jax.checkpoint around each transformer block and sharding constraints on the token activations.
-    tests/test_parallel.py checks that it equals the model's own __call__."""
+    """The model's own forward (`models.backbone.DiffusionTransformer.__call__`) for training: the same calls in
+    the same order, plus jax.checkpoint around each transformer block and sharding constraints on the token
+    activations. tests/test_parallel.py checks that it equals the model's own __call__."""
+    if remat not in ("none", *REMAT_POLICIES):
+        raise ValueError(f"config.parallel.remat={remat!r}; use one of {('none', *REMAT_POLICIES)}")
     model = nnx.merge(graphdef, params)
     acts = ("batch", "tokens", None)
     cons = (lambda a: constrain(a, mesh, acts)) if constrain_acts else (lambda a: a)
-    tokens, angles = model.embed(x)
+    tokens, ctx = model.embed(x, t)
     tokens = cons(tokens)
     c = model.condition(t, y, None)
-    for layer in model.layers:
+    for block in model.blocks():
         if remat == "none":
-            tokens = layer(tokens, c, angles)
+            tokens = block(tokens, c, ctx)
         else:
-            if remat not in REMAT_POLICIES:
-                raise ValueError(f"config.parallel.remat={remat!r}; use 'none', 'full' or 'dots'")
-            gd, st = nnx.split(layer)
-            block = jax.checkpoint(lambda s, a, cc, ang, gd=gd: nnx.merge(gd, s)(a, cc, ang),
-                                   policy=REMAT_POLICIES[remat], prevent_cse=True)
-            tokens = block(st, tokens, c, angles)
+            gd, st = nnx.split(block)
+            run = jax.checkpoint(lambda s, a, cc, cx, gd=gd: nnx.merge(gd, s)(a, cc, cx),
+                                 policy=REMAT_POLICIES[remat], prevent_cse=True)
+            tokens = run(st, tokens, c, ctx)
         tokens = cons(tokens)
-    return model.unembed(tokens, c, x.shape[1], x.shape[2])
+    return model.unembed(tokens, c, ctx, x.shape[1], x.shape[2])
 
 
 def memory_report(compiled) -> dict | None:

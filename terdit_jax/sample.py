@@ -1,15 +1,25 @@
-"""Generating images from a model: batched sampling, the labelled PNG grid and the ADM `.npz` layout."""
+"""Generating images from a model: loading whatever `--mode sample|eval` draws from, batched sampling, the
+labelled PNG grid and the ADM `.npz` layout."""
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Callable
 
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
+from terdit_jax.checkpoint import load_ema
+from terdit_jax.config import finalize, sample_labels
 from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.diffusion.samplers import sample
+from terdit_jax.eval.adm_npz import write_adm_batch
+from terdit_jax.export import load_packed
+from terdit_jax.labels import to_model_labels
 from terdit_jax.model_fn import bind
+from terdit_jax.registry import Registry
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -44,13 +54,6 @@ def generate(apply, params, labels, config, key, *, decode=None, progress: bool 
             x = decode(x)
         out.append(to_uint8(jax.device_get(x))[:len(labels[lo:lo + s.batch_size])])
     return np.concatenate(out)
-
-
-def save_npz(path: str, images: np.ndarray, labels) -> None:
-    """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int labels. Written to a temp file, then renamed."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, images, np.asarray(labels, np.int64))
-    os.replace(tmp, path)
 
 
 def save_grid(path: str, images: np.ndarray, labels, *, scale: int | None = None) -> None:
@@ -88,36 +91,49 @@ def latent_decoder(config):
     return jax.jit(lambda z: vae.decode(z / scale))
 
 
-def load_for_sampling(config, workdir: str):
-    """The model `--mode sample` and `--mode eval` draw from → (config, apply, params, step, to_model_labels).
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A kind of stored model sampling can draw from: `requested(config)` says whether the config asks for it,
+    `load(config, workdir)` → (config, apply, params, step, to_model_labels)."""
+    requested: Callable[[ml_collections.ConfigDict], bool]
+    load: Callable
 
-    A packed export (config.sample.packed_path) wins over the workdir's newest training checkpoint (EMA weights).
-    to_model_labels maps ImageNet class indices to the labels the model was trained with (the released TerDiT
-    weights use the string-sorted folder order).
-    """
-    import ml_collections
 
-    if not config.sample.packed_path:
-        from terdit_jax.checkpoint import load_ema
-        apply, params, step = load_ema(config, workdir, config.sample.step)
-        return config, apply, params, step, lambda labels: np.asarray(labels, np.int32)
-    from terdit_jax.checkpoint import ADDED_MODEL_FIELDS
-    from terdit_jax.config import finalize
-    from terdit_jax.export import load_packed, to_model_labels
+def _load_checkpoint(config, workdir: str):
+    """The EMA weights of the workdir's newest training checkpoint (or `sample.step`)."""
+    apply, params, step = load_ema(config, workdir, config.sample.step)
+    return config, apply, params, step, lambda labels: np.asarray(labels, np.int32)
 
-    apply, params, model_cfg, manifest = load_packed(config.sample.packed_path,
-                                                     act_dtype=config.model.packed_act_dtype,
-                                                     backend=config.model.packed_backend)
+
+def _load_packed(config, workdir: str):
+    """A packed export at `sample.packed_path`: the architecture from its manifest, the compute settings
+    (dtype, packed activation precision, backend) from the config."""
+    apply, params, model_cfg, manifest = load_packed(config.sample.packed_path, config.model)
     packed = ml_collections.ConfigDict(config.to_dict())
-    packed.model = ml_collections.ConfigDict({**ADDED_MODEL_FIELDS, **model_cfg, "name": "custom"})
+    packed.model = ml_collections.ConfigDict({**model_cfg, "name": "custom"})
     step = int(manifest.get("source", {}).get("step", 0))
     return finalize(packed), apply, params, step, lambda labels: to_model_labels(labels, manifest)
 
 
+# Tried in order; the first the config asks for is loaded (a training checkpoint when nothing else is asked for).
+ARTIFACTS: Registry[Artifact] = Registry("model artifact", {
+    "packed": Artifact(lambda c: bool(c.sample.packed_path), _load_packed),
+    "checkpoint": Artifact(lambda c: True, _load_checkpoint),
+})
+
+
+def load_for_sampling(config, workdir: str):
+    """The model `--mode sample` and `--mode eval` draw from → (config, apply, params, step, to_model_labels).
+
+    to_model_labels maps ImageNet class indices to the labels the model was trained with (the released TerDiT
+    weights use the string-sorted folder order).
+    """
+    name = next(n for n in ARTIFACTS if ARTIFACTS.get(n).requested(config))
+    return ARTIFACTS.get(name).load(config, workdir)
+
+
 def run_sample_mode(config, workdir: str, *, log=print) -> dict:
     """--mode sample: labels from config.sample → samples/sample_<step>.png and .npz (ADM layout)."""
-    from terdit_jax.config import sample_labels
-
     config, apply, params, step, model_labels = load_for_sampling(config, workdir)
     labels = sample_labels(config)
     log(f"sampling {len(labels)} images from step {step} ({config.sample.sampler}, {config.sample.num_steps} steps, "
@@ -127,5 +143,5 @@ def run_sample_mode(config, workdir: str, *, log=print) -> dict:
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     base = os.path.join(workdir, "samples", f"sample_{step:07d}")
     save_grid(base + ".png", images, labels)
-    save_npz(base + ".npz", images, labels)
+    write_adm_batch(base + ".npz", images, np.asarray(labels, np.int64))
     return {"grid": base + ".png", "npz": base + ".npz"}

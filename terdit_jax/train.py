@@ -17,70 +17,15 @@ from tqdm.auto import tqdm
 
 from terdit_jax import parallel
 from terdit_jax.checkpoint import CheckpointError, Checkpoints
+from terdit_jax.config import sample_labels
 from terdit_jax.diffusion.gaussian import create_diffusion
-from terdit_jax.model_fn import abstract_model, init_model, param_count
+from terdit_jax.model_fn import param_count
 from terdit_jax.sample import generate, save_grid
+from terdit_jax.train_state import abstract_state, init_state, learning_rate, make_optimizer
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; no checkpoint is written after that point."""
-
-
-def learning_rate(t):
-    """TerDiT recipe: constant `lr` (5e-4), optional linear warmup, then `lr_reduced` from `lr_reduce_step` on."""
-    def schedule(step):
-        lr = jnp.asarray(t.lr, jnp.float32)
-        if t.lr_reduce_step >= 0:
-            lr = jnp.where(step >= t.lr_reduce_step, t.lr_reduced, lr)
-        if t.warmup_steps > 0:
-            lr = lr * jnp.minimum(1.0, (step + 1) / t.warmup_steps)
-        return lr
-    return schedule
-
-
-def make_optimizer(t) -> optax.GradientTransformation:
-    """AdamW (torch defaults β=(0.9, 0.999), eps 1e-8) after global-norm clipping (Large-DiT train.py)."""
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip),
-                       optax.adamw(learning_rate(t), b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay))
-
-
-def _tensor_shards(config, mesh) -> int:
-    """Tensor-parallel shard count: the mesh's, else the configured one (for γ='shard' outside training)."""
-    if mesh is not None:
-        return int(mesh.shape["tensor"])
-    p = config.parallel
-    return int(p.ici_tensor) * int(p.dcn_tensor) if p.ici_tensor > 0 and p.dcn_tensor > 0 else 1
-
-
-def _state_from_params(params, config):
-    """{step, params, ema, opt_state, rng}; the EMA starts as a copy of the parameters (official)."""
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "ema": jax.tree.map(jnp.copy, params),
-            "opt_state": make_optimizer(config.train).init(params),
-            "rng": jax.random.key_data(jax.random.key(config.seed + 1))}
-
-
-def abstract_state(config, mesh=None):
-    """→ (apply, state as ShapeDtypeStructs), built without allocating; with a mesh each leaf carries the
-    sharding the rules give it (what `Checkpoints.restore` restores onto)."""
-    model_cfg = parallel.build_model_config(config.model, _tensor_shards(config, mesh))
-    apply, _ = abstract_model(model_cfg)
-    shapes = jax.eval_shape(lambda: _state_from_params(init_model(model_cfg, config.seed)[1], config))
-    if mesh is None:
-        return apply, shapes
-    shardings = parallel.state_shardings(shapes, mesh)
-    return apply, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-
-
-def init_state(config, mesh=None):
-    """→ (apply, state). With a mesh the state is created directly sharded (jit with out_shardings, as maxtext
-    does), so no device ever holds the whole model."""
-    model_cfg = parallel.build_model_config(config.model, _tensor_shards(config, mesh))
-    make = lambda: _state_from_params(init_model(model_cfg, config.seed)[1], config)  # noqa: E731
-    if mesh is None:  # jitted as well, so that the values equal the sharded init bit for bit (XLA fuses to FMA)
-        apply, _ = abstract_model(model_cfg)
-        return apply, jax.jit(make)()
-    apply, abstract = abstract_state(config, mesh)
-    return apply, jax.jit(make, out_shardings=parallel.state_shardings(abstract, mesh))()
 
 
 def make_train_step(apply, config, mesh=None):
@@ -262,7 +207,6 @@ def _local_copy(tree):
 def sample_grid(apply, params, config, path: str, key, *, per_class: int | None = None, decode=None):
     """Write a labelled grid: sample.classes rows × per_class columns. Returns (images, labels) on process 0,
     (None, labels) elsewhere. Every process must call it (a sharded model is first gathered)."""
-    from terdit_jax.config import sample_labels
     labels = sample_labels(config)
     if per_class:
         labels = [k for k in dict.fromkeys(labels) for _ in range(per_class)]
@@ -315,19 +259,21 @@ def _check_finite(pending: list, done: int, ckpt) -> list[dict]:
 
 
 def _init_from(source_workdir: str, state, abstract, config, *, log=print):
-    """Start from the params and EMA of the newest checkpoint of another run (fresh optimizer, step 0).
+    """Start from the params and EMA of the newest checkpoint of another run (fresh optimizer, step 0); the
+    optimizer state there is never read. A weights-only checkpoint (an imported release) starts both from its
+    weights.
 
-    Only the resolution may differ: the model has no absolute position table (RoPE covers any length), which
+    Only the resolution may differ: Large-DiT has no absolute position table (RoPE covers any length), which
     is how the paper continues TerDiT-4.2B from 256 px to 512 px."""
     src = Checkpoints(os.path.join(source_workdir, "checkpoints"), async_save=False)
     step = src.latest_step()
     if step is None:
         raise CheckpointError(f"config.train.init_from={source_workdir!r} has no checkpoint in {src.directory}")
-    restored = src.restore(step, abstract, config.model, ignore=("input_size",))
+    params, ema = src.restore_weights(step, abstract["params"], config.model, ignore=("input_size",))
     src.close()
     log(f"initialised params and EMA from {src.directory}/{step} (input size "
         f"{src.meta(step)['model'].get('input_size')} → {config.model.input_size})")
-    return {**state, "params": restored["params"], "ema": restored["ema"]}
+    return {**state, "params": params, "ema": ema}
 
 
 def train(config, workdir: str, *, log=print) -> dict:
@@ -400,3 +346,25 @@ def train(config, workdir: str, *, log=print) -> dict:
         ckpt.close()
     return {"checkpoints": ckpt.directory, "metrics": os.path.join(workdir, "metrics.jsonl"), "apply": apply,
             "state": state, "step": done, "preempted": preempted, "mesh": mesh}
+
+
+def run_train_mode(config, workdir: str, *, log=print) -> dict:
+    """--mode train: `train`, then the final grid of the EMA weights (and, for the digits demo, its class accuracy
+    and FID/precision/recall against held-out digits, appended to metrics.jsonl)."""
+    out = train(config, workdir, log=log)
+    if out["preempted"]:
+        log(f"preempted: saved step {out['step']} in {out['checkpoints']}; rerun the same command to resume")
+        return out
+    grid = os.path.join(workdir, "samples", "final_grid.png")
+    log("sampling the final grid from the EMA weights ...")
+    images, labels = sample_grid(out["apply"], out["state"]["ema"], config, grid, jax.random.key(config.sample.seed))
+    if parallel.is_main_process() and config.data.kind == "digits" and config.eval.demo_quality:
+        from terdit_jax.eval.run import digits_quality
+        log("measuring sample quality (class accuracy; FID/precision/recall vs held-out digits) ...")
+        quality = digits_quality(config, workdir, images, labels, log=log)
+        MetricsLog(workdir).write(out["step"], quality)
+        log("quality: " + ", ".join(f"{k}={v:.4g}" for k, v in quality.items()))
+    if parallel.is_main_process():
+        log(f"checkpoints: {out['checkpoints']}\nmetrics:     {out['metrics']}\n"
+            f"tensorboard: {os.path.join(workdir, 'tensorboard')}\nsample grid: {grid}")
+    return out

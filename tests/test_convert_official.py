@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from terdit_jax.convert.terdit_official import (ConversionError, convert_official, official_label,
-                                                official_label_table)
-from terdit_jax.export import load_packed, to_model_labels
+from terdit_jax.convert.terdit_official import ConversionError, convert_official
+from terdit_jax.export import load_packed
+from terdit_jax.labels import official_label, official_label_table, to_model_labels
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -139,7 +139,7 @@ def test_converted_official_checkpoint_matches_the_official_forward(tmp_path, qk
     ckpt = write_official(tmp_path, sd, qk_norm)
     manifest = convert_official(ckpt, str(tmp_path / "packed"), model_overrides=OVERRIDES)
     assert manifest["label_order"] == "official_string_sorted" and manifest["source"]["kind"] == "terdit-official"
-    apply, params, cfg, manifest2 = load_packed(str(tmp_path / "packed"), act_dtype="f32", dtype="float32")
+    apply, params, cfg, manifest2 = load_packed(str(tmp_path / "packed"), {"packed_act_dtype": "f32", "dtype": "float32"})
     assert manifest2 == manifest and cfg["qk_norm"] == qk_norm
 
     rng = np.random.default_rng(1)

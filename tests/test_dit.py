@@ -4,17 +4,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import tiny_config as tiny
 from terdit_jax.config import ConfigError, base_config, finalize
-from terdit_jax.models.dit import DiT, count_params, patchify, unpatchify
+from terdit_jax.models.backbone import patchify, unpatchify
+from terdit_jax.models.dit import DiT
+from terdit_jax.models.families import count_params
 from terdit_jax.models.layers import apply_rope, ffn_hidden_dim, rope_angles, timestep_features
-
-
-def tiny(**model):
-    c = base_config()
-    c.model.update(dict(name="custom", dim=32, n_layers=2, n_heads=4, multiple_of=16, patch_size=2,
-                        in_channels=4, num_classes=10, dtype="float32", **model))
-    c.data.image_size = 64  # latent 8×8
-    return finalize(c)
 
 
 @pytest.mark.parametrize("name,qk,expected", [
@@ -122,5 +117,5 @@ def test_sincos_position_table():
     cfg = tiny(pos_embed="sincos").model
     model = DiT(cfg, rngs=nnx.Rngs(0))
     assert count_params(cfg) == count_params(tiny().model)  # a fixed table: no parameters
-    tokens, _ = model.embed(jnp.zeros((1, 8, 8, 4)))
+    tokens, _ = model.embed(jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32))
     np.testing.assert_allclose(tokens[0] - model.x_embedder.bias[...], sincos_pos_embed_2d(32, 4, 4), atol=1e-6)

@@ -12,22 +12,16 @@ from flax import nnx
 
 from terdit_jax import export
 from terdit_jax.checkpoint import Checkpoints
+from conftest import tiny_config as tiny
 from terdit_jax.config import base_config, finalize
-from terdit_jax.model_fn import abstract_model
+from terdit_jax.model_fn import abstract_model, split_packed
 from terdit_jax.models import packed as packed_lib
 from terdit_jax.models.dit import DiT
-from terdit_jax.models.ternary import LINEAR_KINDS, absmean_ternary
+from terdit_jax.models.linears import LINEAR_KINDS
+from terdit_jax.models.ternary import absmean_ternary
 from terdit_kernels import unpack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(**model):
-    c = base_config()
-    c.model.update({**dict(name="custom", dim=32, n_layers=2, n_heads=4, multiple_of=16, num_classes=10,
-                           dtype="float32"), **model})
-    c.data.image_size = 64  # latent 8×8, 16 tokens; K = 32 pads to 128 in the packed layout
-    return finalize(c)
 
 
 def randomise(params, seed=0):
@@ -70,7 +64,7 @@ def packed_model(config, params, dtype, act_dtype):
 
 def test_packed_kind_is_registered_and_its_codes_are_not_params(qat):
     config = qat[0]
-    assert LINEAR_KINDS["packed"] is packed_lib.PackedTernaryDense
+    assert "packed" in LINEAR_KINDS
     model = nnx.eval_shape(lambda: DiT(export.packed_model_config(config.model), rngs=nnx.Rngs(0)))
     assert isinstance(model.layers[0].attention.wq, packed_lib.PackedTernaryDense)
     assert isinstance(model.layers[0].adaLN_modulation, packed_lib.PackedTernaryDense)
@@ -102,7 +96,7 @@ def test_packed_model_equals_the_ternary_model_in_float32_and_fused_adaln_change
     out = model(*inputs)
     assert float(jnp.abs(ref).max()) > 0.5
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
-    fused_apply, fused_params = packed_lib.split_packed(model, fuse=True)
+    fused_apply, fused_params = split_packed(model, fuse=True)
     assert fused_params["adaln_stack"]["packed"][...].shape == (128 // 4, 2 * 6 * 32)  # (Kp/4, L·6D)
     assert "adaLN_modulation" not in fused_params["layers"][0]  # the stacked copy is the only one
     # one (B, C)·(C, L·6D) matmul instead of L: only the float32 summation order differs
@@ -113,7 +107,7 @@ def test_packed_bf16_model_matches_the_ternary_bf16_model_within_bf16_tolerance(
     config, _, params = qat
     apply16, _ = abstract_model(tiny(dtype="bfloat16").model)
     ref16 = apply16(params, *inputs)
-    apply_p, params_p = packed_lib.split_packed(packed_model(config, params, "bfloat16", "bf16"), fuse=True)
+    apply_p, params_p = split_packed(packed_model(config, params, "bfloat16", "bf16"), fuse=True)
     out16 = apply_p(params_p, *inputs)
     scale = float(jnp.abs(ref16).max())
     # both round activations/weights to bf16 in different places (α·W_t in bf16 vs W_t exact, α in f32)
@@ -134,7 +128,7 @@ def test_export_from_a_training_workdir_roundtrips_and_never_overwrites(qat, inp
     manifest = export.export_packed(config, str(tmp_path / "run"), out)
     assert manifest["source"]["step"] == 7 and manifest["format"] == export.FORMAT_NAME
     assert sorted(os.listdir(tmp_path)) == ["export", "run"]  # the temp dir was renamed, nothing left over
-    apply_p, params_p, cfg, manifest2 = export.load_packed(out, act_dtype="f32")
+    apply_p, params_p, cfg, manifest2 = export.load_packed(out, {"packed_act_dtype": "f32"})
     assert cfg["linear"] == "packed" and manifest2 == manifest
     np.testing.assert_allclose(apply_p(params_p, *inputs), apply(ema, *inputs), rtol=1e-5, atol=1e-5)
     with pytest.raises(export.ExportError, match="exists"):

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from terdit_jax import parallel
 from terdit_jax.config import base_config, finalize
+from terdit_jax.models import ternary
 from terdit_jax.models.ternary import absmean_ternary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +52,7 @@ from flax import nnx
 from test_parallel import tiny_config
 from terdit_jax import parallel, train as T
 from terdit_jax.checkpoint import Checkpoints
+from terdit_jax.models import ternary
 from terdit_jax.models.ternary import absmean_ternary
 res = {}
 def cfg(mesh, **kw):
@@ -173,7 +175,7 @@ def test_mesh_sizes_fill_and_errors():
         parallel._fill({"data": -1, "fsdp": -1, "tensor": 1}, 8, "ici")
     with pytest.raises(ValueError, match="do not split"):
         parallel._fill({"data": 3, "fsdp": -1, "tensor": 1}, 8, "ici")
-    mesh = parallel.create_mesh(None)  # defaults: everything on fsdp
+    mesh = parallel.create_mesh(base_config())  # defaults: everything on fsdp
     assert dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
@@ -193,14 +195,14 @@ def test_shard_gamma_is_per_tensor_shard_with_the_same_ste():
     w = jnp.concatenate([0.01 * jax.random.normal(jax.random.key(0), (16, 8)),
                          jax.random.normal(jax.random.key(1), (16, 8))], axis=1)
     alpha = jnp.asarray(0.7)
-    got = parallel.ternary_weight_blocks(w, alpha, 1, 2)
+    got = ternary.ternary_weight(w, alpha, 1, 2)
     wn = np.asarray(w, np.float64)
     want = np.concatenate([np.clip(np.round(h / (np.abs(h).mean() + 1e-6)), -1, 1) for h in np.split(wn, 2, 1)], 1)
     np.testing.assert_array_equal(np.asarray(got), 0.7 * want.astype(np.float32))
     assert not np.array_equal(np.asarray(got), np.asarray(alpha * absmean_ternary(w)))
-    np.testing.assert_array_equal(np.asarray(parallel.absmean_ternary_blocks(w, 1, 1)), np.asarray(absmean_ternary(w)))
+    np.testing.assert_array_equal(np.asarray(ternary.absmean_ternary_blocks(w, 1, 1)), np.asarray(absmean_ternary(w)))
     g = jax.random.normal(jax.random.key(2), w.shape)
-    dw, da = jax.grad(lambda a, b: jnp.sum(parallel.ternary_weight_blocks(a, b, 1, 2) * g), argnums=(0, 1))(w, alpha)
+    dw, da = jax.grad(lambda a, b: jnp.sum(ternary.ternary_weight(a, b, 1, 2) * g), argnums=(0, 1))(w, alpha)
     np.testing.assert_allclose(np.asarray(dw), 0.7 * np.asarray(g), rtol=1e-6)
     np.testing.assert_allclose(float(da), float(np.sum(np.asarray(g) * want)), rtol=1e-5)
 
@@ -212,7 +214,7 @@ def test_shard_gamma_model_splits_the_tensor_axis_of_each_kernel():
     apply, params = init_model(parallel.build_model_config(c.model, 2), 0)
     model = __import__("flax").nnx.merge(apply.graphdef, params)
     blk = model.layers[0]
-    assert isinstance(blk.attention.wq, parallel.ShardGammaTernaryDense)
+    assert isinstance(blk.attention.wq, ternary.ShardGammaTernaryDense)
     assert (blk.attention.wq.shard_axis, blk.attention.wq.shards) == (1, 2)  # ('embed', 'heads'): column split
     assert (blk.attention.wo.shard_axis, blk.attention.wo.shards) == (0, 2)  # ('heads', 'embed'): row split
     assert (blk.adaLN_modulation.shard_axis, blk.adaLN_modulation.shards) == (1, 2)

@@ -8,7 +8,7 @@ weights (out, in) are transposed to Flax kernels (in, out), `alphas` (1,) become
 
 The released models were trained on an ImageFolder with class folders "0".."999", whose labels follow the
 string sort of the folder names (§3.1); the export records `label_order = "official_string_sorted"` and
-`export.to_model_labels` / `official_label` map ImageNet classes to model labels at sampling time.
+`labels.to_model_labels` maps ImageNet classes to model labels at sampling time.
 
     python -m terdit_jax.convert.terdit_official CKPT_DIR OUT_DIR [--overwrite]
 
@@ -17,15 +17,17 @@ torch is needed only here (pip install 'terdit-jax[convert]'); it is imported la
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import re
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import terdit_kernels
+from terdit_jax import trees
+from terdit_jax.config import base_config, finalize
+from terdit_jax.export import abstract_packed, write_packed
+from terdit_jax.models.families import FAMILIES
 
 STATE_FILE = "consolidated_ema_ternary.00-of-01.pth"
 ARGS_FILE = "model_args.pth"
@@ -51,28 +53,6 @@ VARIABLE_TABLE = {
 
 class ConversionError(ValueError):
     """A checkpoint that does not match the official TerDiT layout; the message lists what differs."""
-
-
-@functools.lru_cache(maxsize=None)
-def _string_sorted(num_classes: int) -> tuple[str, ...]:
-    return tuple(sorted(str(i) for i in range(num_classes)))
-
-
-def official_label(k: int, num_classes: int = 1000) -> int:
-    """ImageNet class k → the label the released TerDiT models use: the index of str(k) among the sorted
-    strings "0".."999" (torchvision ImageFolder over folders named by class index; TerDiT `class_to_idx.json`).
-    E.g. 0→0, 10→2, 100→3, 207→121."""
-    if not 0 <= int(k) < num_classes:
-        raise ValueError(f"class {k} is outside [0, {num_classes})")
-    return _string_sorted(num_classes).index(str(int(k)))
-
-
-def official_label_table(num_classes: int = 1000) -> np.ndarray:
-    """table[k] = official_label(k) for every class k (int32)."""
-    order = _string_sorted(num_classes)
-    table = np.empty(num_classes, np.int32)
-    table[[int(s) for s in order]] = np.arange(num_classes)
-    return table
 
 
 def official_key(path: tuple) -> tuple[str, str]:
@@ -130,9 +110,6 @@ def official_config(args: dict, model_overrides: dict | None = None):
     model_overrides (e.g. {'name': 'custom', 'dim': 64, ...}) replace model fields; needed only for a model
     name outside `models.dit.PRESETS`.
     """
-    from terdit_jax.config import base_config, finalize
-    from terdit_jax.models.dit import PRESETS
-
     missing = [k for k in ("model", "image_size") if k not in args]
     if missing:
         raise ConversionError(f"{ARGS_FILE} lacks {missing}; it has {sorted(args)}")
@@ -148,8 +125,9 @@ def official_config(args: dict, model_overrides: dict | None = None):
     c.data.latent = True
     for k, v in (model_overrides or {}).items():
         setattr(m, k, v)
-    if m.name != "custom" and m.name not in PRESETS:
-        raise ConversionError(f"model {m.name!r} from {ARGS_FILE} is not one of {sorted(PRESETS)}; pass "
+    presets = FAMILIES.get("large_dit").presets
+    if m.name != "custom" and m.name not in presets:
+        raise ConversionError(f"model {m.name!r} from {ARGS_FILE} is not one of {sorted(presets)}; pass "
                               "model_overrides with name='custom' and dim/n_layers/n_heads")
     return finalize(c)
 
@@ -157,52 +135,39 @@ def official_config(args: dict, model_overrides: dict | None = None):
 def convert_state(sd: dict, model_cfg) -> nnx.State:
     """Official state dict (numpy) → our packed model state. Unknown/missing keys and wrong shapes raise
     ConversionError listing all of them."""
-    from terdit_jax.export import abstract_packed
+    used = set()
 
-    _, abstract = abstract_packed(model_cfg)
-    leaves, used, missing, bad = [], set(), [], []
-    for path, var in nnx.to_flat_state(abstract):
-        want = var.get_value()
+    def lookup(path, want):
         key, how = official_key(path)
         if key not in sd:
-            missing.append(key)
-            continue
+            raise KeyError(key)
         used.add(key)
         t = sd[key]
-        try:
-            if how == "hqq":
-                if t.dtype != np.uint8:
-                    raise ConversionError(f"{key} is {t.dtype}, not the uint8 2-bit buffer of an inference "
-                                          f"checkpoint; use {STATE_FILE}, not a training (latent fp) checkpoint")
-                value = terdit_kernels.from_hqq(t, out_features=want.shape[1])
-            elif how == "transpose":
-                value = jnp.asarray(np.ascontiguousarray(t.T), want.dtype)
-            elif how == "scalar":
-                if t.size != 1:
-                    raise ConversionError(f"{key} has shape {t.shape}, expected (1,)")
-                value = jnp.asarray(t.reshape(()), want.dtype)
-            else:
-                value = jnp.asarray(t, want.dtype)
-        except ValueError as e:  # from_hqq shape checks
-            bad.append(f"{key}: {e}")
-            continue
-        if value.shape != want.shape:
-            bad.append(f"{key}: official {tuple(t.shape)} → {tuple(value.shape)}, expected {tuple(want.shape)}")
-            continue
-        leaves.append((path, var.replace(value)))
+        if how == "hqq":
+            if t.dtype != np.uint8:
+                raise ConversionError(f"{key} is {t.dtype}, not the uint8 2-bit buffer of an inference "
+                                      f"checkpoint; use {STATE_FILE}, not a training (latent fp) checkpoint")
+            return terdit_kernels.from_hqq(t, out_features=want.shape[1])
+        if how == "transpose":
+            return np.ascontiguousarray(t.T)
+        if how == "scalar":
+            if t.size != 1:
+                raise ConversionError(f"{key} has shape {t.shape}, expected (1,)")
+            return t.reshape(())
+        return t
+
+    state, missing, bad = trees.fill(abstract_packed(model_cfg)[1], lookup)
     unknown = sorted(set(sd) - used)
     if missing or unknown or bad:
         raise ConversionError(
             f"official checkpoint does not match {model_cfg.name} (dim {model_cfg.dim}, {model_cfg.n_layers} layers, "
             f"qk_norm={model_cfg.qk_norm}): missing keys {missing}; unknown keys {unknown}; bad tensors {bad}")
-    return nnx.from_flat_state(leaves)
+    return state
 
 
 def convert_official(ckpt_dir: str, out_dir: str, *, model_overrides: dict | None = None,
                      overwrite: bool = False) -> dict:
     """Official TerDiT checkpoint directory → packed export in `out_dir` (see `export.load_packed`). Returns the manifest."""
-    from terdit_jax.export import write_packed
-
     args, sd = load_official(ckpt_dir)
     config = official_config(args, model_overrides)
     state = convert_state(sd, config.model)

@@ -23,6 +23,7 @@ import numpy as np
 
 from terdit_jax.data import imagenet
 from terdit_jax.data.transforms import center_crop_arr, decode_rgb, hflip, to_float
+from terdit_jax.vae.autoencoder_kl import sample_latent
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,20 @@ def sample_latents(moments: jax.Array, key: jax.Array, scale: float = SD_VAE_SCA
     moments: (..., h, w, 8), channels 0-3 mean, 4-7 log-variance (clipped to [-30, 20] like diffusers).
     Returns (..., h, w, 4) float32.
     """
-    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
-    std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
-    return (mean + std * jax.random.normal(key, mean.shape, jnp.float32)) * scale
+    return sample_latent(moments.astype(jnp.float32), key) * scale
+
+
+def run_extract_mode(config, *, log=print) -> dict:
+    """--mode extract_latents: data.image_path → SD-VAE moments of every image and its mirror in data.path."""
+    from terdit_jax.vae import load_vae
+
+    d = config.data
+    if not (d.image_path and d.path and d.vae_path):
+        raise FileNotFoundError("extract_latents needs --config.data.image_path (ImageNet train images), "
+                                "--config.data.path (where the latent shards go) and --config.data.vae_path")
+    vae = load_vae(d.vae_path, dtype=jnp.dtype(config.model.dtype))
+    encode = jax.jit(vae.encode)
+    log(f"encoding {d.image_path} at {d.image_size} px into {d.path} (resumable) ...")
+    return extract_latents(d.image_path, lambda x: np.asarray(encode(x)), d.path, image_size=d.image_size,
+                           batch_size=d.extract_batch_size, process_index=jax.process_index(),
+                           process_count=jax.process_count())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from terdit_jax.diffusion.gaussian import GaussianDiffusion, ModelFn
-
-SAMPLERS = ("ddpm", "ddim")
+from terdit_jax.registry import Registry
 
 
 def _as_partial(fn: ModelFn) -> Partial:
@@ -94,6 +94,13 @@ def ddim_sample(diffusion: GaussianDiffusion, model_out: jax.Array, x: jax.Array
     return (mean + _mask_nonzero(t, x.ndim) * sigma * noise).astype(x.dtype)
 
 
+# name → step(diffusion, model_out, x, t, noise, eta, clip_denoised) → x at the previous step
+SAMPLERS: Registry[Callable] = Registry("sampler", {
+    "ddpm": lambda diffusion, out, x, t, noise, eta, clip: p_sample(diffusion, out, x, t, noise, clip),
+    "ddim": ddim_sample,
+})
+
+
 @functools.partial(jax.jit, static_argnames=("sampler", "clip_denoised"))
 def _step(model_fn: Partial, diffusion: GaussianDiffusion, x, k, key, y, eta, *, sampler: str, clip_denoised: bool):
     """Step index k (traced int32 scalar) -> (x at k−1, next key). One compile serves every k."""
@@ -101,9 +108,7 @@ def _step(model_fn: Partial, diffusion: GaussianDiffusion, x, k, key, y, eta, *,
     t = jnp.full((x.shape[0],), k, dtype=jnp.int32)
     out = model_fn(x, diffusion.timestep_map[t], y)
     noise = jax.random.normal(sub, x.shape, x.dtype)
-    if sampler == "ddpm":
-        return p_sample(diffusion, out, x, t, noise, clip_denoised), key
-    return ddim_sample(diffusion, out, x, t, noise, eta, clip_denoised), key
+    return SAMPLERS.get(sampler)(diffusion, out, x, t, noise, eta, clip_denoised), key
 
 
 def sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape: tuple[int, ...], key: jax.Array, y: jax.Array, *,
@@ -119,7 +124,7 @@ def sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape: tuple[int, ..
     `shape`. Returns x_0 as (N,H,W,C) in `dtype`.
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS.names()}")
     shape = tuple(int(s) for s in shape)
     y = jnp.asarray(y, dtype=jnp.int32)
     if len(shape) < 2 or y.shape != (shape[0],):

@@ -1,6 +1,7 @@
-"""ADM-compatible evaluation (FID, sFID, IS, Precision/Recall) with a torch-free JAX InceptionV3."""
-from terdit_jax.eval.adm_npz import NpzArrayStream, SampleStore, read_stats, write_adm_batch
-from terdit_jax.eval.evaluate import evaluate, generate_samples, reference_stats
-from terdit_jax.eval.features import InceptionExtractor
-from terdit_jax.eval.metrics import frechet_distance, inception_score, precision_recall
-from terdit_jax.eval.weights import default_weights_path, load_inception_params
+"""ADM-compatible evaluation (FID, sFID, IS, Precision/Recall) with a torch-free JAX InceptionV3.
+
+Modules: adm_npz (ADM .npz batches, the resumable sample store), inception / weights / preprocess / features
+(the network, its weights, TF1 resizing, batched features), metrics, evaluate (one call from samples to a
+report), run (`--mode eval` and the demo's quality numbers), digit_classifier (the demo's class accuracy).
+Nothing is imported here, so reading an .npz does not load the network.
+"""

@@ -1,6 +1,9 @@
 """Building blocks of Large-DiT / TerDiT (LLaMA-style DiT), as in the official `models.py`.
 
-Shapes: B batch, T tokens, D model width, C conditioning width (= min(D, 1024)), H heads.
+Shapes: B batch, T tokens, D model width, C conditioning width (= min(D, 1024)), H heads. `path` arguments are
+the module's place in the parameter tree (e.g. "layers.3.attention"); linears and quantization sites are named
+from it (models/linears.py, quant/sites.py). `t` arguments are the (B,) timesteps, used only by time-aware
+quantizers.
 """
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from terdit_jax.models.ternary import make_linear, normal_init, xavier_uniform
+from terdit_jax.models.linears import make_linear
+from terdit_jax.models.ternary import normal_init, xavier_uniform
+from terdit_jax.quant.sites import make_site, quantize
 
 
 class RMSNorm(nnx.Module):
@@ -44,16 +49,18 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def sincos_pos_embed_2d(dim: int, h: int, w: int) -> jax.Array:
-    """Fixed 2-D sin-cos position table in the manner of DiT/MAE's `get_2d_sincos_pos_embed`: the first dim/2
-    channels encode the row, the rest the column, each as [sin, cos] of pos·10000^(−k/(dim/4)).
-    → (h·w, dim) f32, raster order."""
+def sincos_pos_embed_2d(dim: int, h: int, w: int, *, column_first: bool = False) -> jax.Array:
+    """Fixed 2-D sin-cos position table in the manner of MAE's `get_2d_sincos_pos_embed`: one half of the
+    channels encodes the row, the other the column, each as [sin, cos] of pos·10000^(−k/(dim/4)). The original
+    DiT puts the column first (`column_first=True`; MAE's meshgrid is "xy"); the demo's Large-DiT option puts
+    the row first. → (h·w, dim) f32, raster order."""
     def axis(pos, d):  # (n,) → (n, d)
         omega = 1.0 / 10000 ** (jnp.arange(d // 2, dtype=jnp.float32) / (d / 2))
         angles = pos[:, None] * omega[None]
         return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
-    return jnp.concatenate([axis(rows.reshape(-1), dim // 2), axis(cols.reshape(-1), dim // 2)], axis=-1)
+    halves = [axis(rows.reshape(-1), dim // 2), axis(cols.reshape(-1), dim // 2)]
+    return jnp.concatenate(halves[::-1] if column_first else halves, axis=-1)
 
 
 def rope_angles(num_tokens: int, head_dim: int, theta: float = 10000.0) -> jax.Array:
@@ -74,30 +81,49 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, probs_site, t: jax.Array | None) -> jax.Array:
+    """softmax(q·kᵀ/sqrt(hd))·v for q, k, v (B, T, H, hd) → (B, T, H, hd). Fused unless `probs_site` quantizes
+    the probabilities; then the (B, H, T, T) softmax is formed in float32 (as XLA's fused attention does)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if probs_site is None:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    probs = quantize(probs_site, jax.nn.softmax(logits, axis=-1), t)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def attention_sites(path: str, cfg, n_heads: int, head_dim: int) -> tuple:
+    """The q, k, v (B, T, H, hd) and probs (B, H, T, T) sites of the attention at `path`."""
+    qkv = tuple(make_site(f"{path}.{r}", cfg, (None, None, n_heads, head_dim)) for r in "qkv")
+    return (*qkv, make_site(f"{path}.probs", cfg, (None, n_heads, None, None)))
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with ternary wq/wk/wv/wo, optional full-width qk-LayerNorm and RoPE."""
 
-    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, path: str, dtype, rngs: nnx.Rngs):
         d, self.n_heads = cfg.dim, cfg.n_heads
         self.head_dim = d // cfg.n_heads
         lin = dict(model_cfg=cfg, rngs=rngs, use_bias=False, kernel_init=xavier_uniform, dtype=dtype)
-        self.wq = make_linear("attention.wq", d, d, axes=("embed", "heads"), **lin)
-        self.wk = make_linear("attention.wk", d, d, axes=("embed", "heads"), **lin)
-        self.wv = make_linear("attention.wv", d, d, axes=("embed", "heads"), **lin)
-        self.wo = make_linear("attention.wo", d, d, axes=("heads", "embed"), **lin)
+        self.wq = make_linear(f"{path}.wq", d, d, axes=("embed", "heads"), **lin)
+        self.wk = make_linear(f"{path}.wk", d, d, axes=("embed", "heads"), **lin)
+        self.wv = make_linear(f"{path}.wv", d, d, axes=("embed", "heads"), **lin)
+        self.wo = make_linear(f"{path}.wo", d, d, axes=("heads", "embed"), **lin)
         self.q_norm = LayerNorm(d, eps=1e-5, affine=True, axis_name="heads") if cfg.qk_norm else None
         self.k_norm = LayerNorm(d, eps=1e-5, affine=True, axis_name="heads") if cfg.qk_norm else None
+        self.q_site, self.k_site, self.v_site, self.probs_site = attention_sites(path, cfg, self.n_heads,
+                                                                                 self.head_dim)
 
-    def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, angles: jax.Array, t: jax.Array | None = None) -> jax.Array:
         """x (B, T, D), angles (T, hd/2) → (B, T, D)."""
-        b, t, _ = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        b, n, _ = x.shape
+        q, k, v = self.wq(x, t), self.wk(x, t), self.wv(x, t)
         if self.q_norm is not None:  # over the whole projection, before the head split (official)
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (a.reshape(b, t, self.n_heads, self.head_dim) for a in (q, k, v))
+        q, k, v = (a.reshape(b, n, self.n_heads, self.head_dim) for a in (q, k, v))
         q, k = apply_rope(q, angles), apply_rope(k, angles)
-        out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(self.head_dim))
-        return self.wo(out.reshape(b, t, -1))
+        q, k, v = quantize(self.q_site, q, t), quantize(self.k_site, k, t), quantize(self.v_site, v, t)
+        return self.wo(attention(q, k, v, self.probs_site, t).reshape(b, n, -1), t)
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -109,17 +135,19 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
 
 
 class FeedForward(nnx.Module):
-    """SwiGLU: w2(SiLU(w1 x) ⊙ w3 x), all three ternary in TerDiT."""
+    """SwiGLU: w2(SiLU(w1 x) ⊙ w3 x), all three ternary in TerDiT; the gated product is the `hidden` site."""
 
-    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, path: str, dtype, rngs: nnx.Rngs):
         f = ffn_hidden_dim(cfg.dim, cfg.multiple_of, cfg.ffn_dim_multiplier)
         lin = dict(model_cfg=cfg, rngs=rngs, use_bias=False, kernel_init=xavier_uniform, dtype=dtype)
-        self.w1 = make_linear("feed_forward.w1", cfg.dim, f, axes=("embed", "mlp"), **lin)
-        self.w3 = make_linear("feed_forward.w3", cfg.dim, f, axes=("embed", "mlp"), **lin)
-        self.w2 = make_linear("feed_forward.w2", f, cfg.dim, axes=("mlp", "embed"), **lin)
+        self.w1 = make_linear(f"{path}.w1", cfg.dim, f, axes=("embed", "mlp"), **lin)
+        self.w3 = make_linear(f"{path}.w3", cfg.dim, f, axes=("embed", "mlp"), **lin)
+        self.w2 = make_linear(f"{path}.w2", f, cfg.dim, axes=("mlp", "embed"), **lin)
+        self.hidden_site = make_site(f"{path}.hidden", cfg, (None, None, f))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+    def __call__(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
+        hidden = quantize(self.hidden_site, jax.nn.silu(self.w1(x, t)) * self.w3(x, t), t)
+        return self.w2(hidden, t)
 
 
 def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
@@ -136,11 +164,11 @@ class TimestepEmbedder(nnx.Module):
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         c = cfg.cond_dim
         lin = dict(model_cfg=cfg, rngs=rngs, use_bias=True, kernel_init=normal_init(0.02), dtype=dtype)
-        self.mlp_0 = make_linear("t_embedder.mlp.0", 256, c, axes=(None, "cond"), **lin)
-        self.mlp_2 = make_linear("t_embedder.mlp.2", c, c, axes=("cond", None), **lin)
+        self.mlp_0 = make_linear("t_embedder.mlp_0", 256, c, axes=(None, "cond"), **lin)
+        self.mlp_2 = make_linear("t_embedder.mlp_2", c, c, axes=("cond", None), **lin)
 
     def __call__(self, t: jax.Array) -> jax.Array:
-        return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_features(t))))
+        return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_features(t), t)), t)
 
 
 class LabelEmbedder(nnx.Module):

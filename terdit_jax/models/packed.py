@@ -1,6 +1,6 @@
 """Packed 2-bit ternary inference layers and the fused adaLN of all blocks (deployment).
 
-`PackedTernaryDense` is the linear kind "packed" (registered in `LINEAR_KINDS`): a DiT built with
+`PackedTernaryDense` is the linear kind "packed" (`models.linears.LINEAR_KINDS`): a DiT built with
 `model.linear="packed"` has the same module tree as the QAT model, with each ternary layer's float32
 latent `kernel` replaced by `packed`, the uint8 codes of W_t in `terdit_kernels.PACK_FORMAT`
 ((padded_k(K)/4, N), four codes per byte). Its forward is `terdit_kernels.ternary_matmul`, which on a
@@ -11,18 +11,16 @@ The adaLN modulations depend only on (t, y), so a deployment computes those of a
 matmul per step (`StackedAdaLN`): the L packed (Kp/4, 6D) matrices sit side by side as one
 (Kp/4, L·6D) packed matrix (the layout packs along K, so concatenating along N is again a valid packed
 matrix), and `DiT.__call__(..., modulations=(L, B, 6D))` consumes the result. `fuse_adaln` moves a
-model to that form and drops the per-block copies, so no adaLN weight is held twice.
+model to that form and drops the per-block copies, so no adaLN weight is held twice (`model_fn.PackedApply`
+runs it).
 """
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.tree_util import Partial
 
-from terdit_jax.models.ternary import LINEAR_KINDS
+from terdit_jax.quant.sites import quantize
 from terdit_kernels import padded_k, resolve_backend, ternary_matmul
 
 ACT_DTYPES = ("bf16", "f32", "int8")  # terdit_kernels.reference.ACT_DTYPES
@@ -40,13 +38,17 @@ class PackedTernaryDense(nnx.Module):
     Same constructor as `Dense`/`TernaryDense` (kernel_init is unused: values come from a checkpoint).
     Variables: `packed` (padded_k(in)/4, out) uint8 PackedCodes, `alpha` () float32, `bias` (out,) or None.
     `act_dtype` ('bf16' W2A16, 'f32', 'int8' W2A8) and `backend` ('auto', 'pallas', 'xla') are static
-    settings of the matmul; `configure_packed` sets them on a whole model from the config.
+    settings of the matmul; `configure_packed` sets them on a whole model from the config. `input_site`: a
+    quantizer of the layer input (quant/sites.py); the weight is 2-bit already, so it has no weight site.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str | None, str | None],
                  dtype=jnp.float32, rngs: nnx.Rngs | None = None, act_dtype: str = "bf16", backend: str = "auto",
-                 **unused):
+                 input_site: nnx.Module | None = None, weight_site: nnx.Module | None = None):
         _check_settings(act_dtype, backend)
+        if weight_site is not None:
+            raise ValueError("a packed ternary layer's weight is 2-bit already; no site rule may quantize it")
+        self.input_site = input_site
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.dtype, self.act_dtype, self.backend = dtype, act_dtype, backend
         # Until a checkpoint fills them: W_t = 0 and α = 1 (a freshly built inference layer is the zero map).
@@ -55,15 +57,14 @@ class PackedTernaryDense(nnx.Module):
         self.alpha = nnx.Param(jnp.ones((), jnp.float32), logical_axes=())
         self.bias = nnx.Param(jnp.zeros((out_features,)), logical_axes=tuple(axes)[1:]) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
         """x (..., in) → (..., out) in `dtype` (the bias is added in float32 inside the matmul epilogue)."""
+        x = quantize(self.input_site, x, t)
         codes = _after_input(self.packed[...], x, self.backend)
         return ternary_matmul(x.astype(self.dtype), codes, self.alpha[...], k=self.in_features,
                               bias=None if self.bias is None else self.bias[...], act_dtype=self.act_dtype,
                               backend=self.backend)
 
-
-LINEAR_KINDS["packed"] = PackedTernaryDense
 
 
 def _after_input(codes: jax.Array, x: jax.Array, backend: str) -> jax.Array:
@@ -149,14 +150,16 @@ def fuse_adaln(model: nnx.Module) -> nnx.Module:
     """Move the per-block packed adaLN layers of a DiT into one `model.adaln_stack` (in place; returns model).
 
     Afterwards the blocks hold no adaLN weights, so the model must be called with `modulations=` (as
-    `PackedApply` does); the stacked weights are the only copy.
+    `model_fn.PackedApply` does); the stacked weights are the only copy.
     """
-    blocks = list(model.layers)
+    blocks = list(model.blocks())
     lins = [b.adaLN_modulation for b in blocks]
     if not lins or not all(isinstance(m, PackedTernaryDense) for m in lins):
         raise ValueError("fuse_adaln needs a DiT whose block adaLN linears are packed (model.linear='packed' "
                          "with 'adaLN_modulation' in model.quantized_layers)")
-    norms = [b.adaLN_norm for b in blocks]
+    if any(m.input_site is not None for m in lins):
+        raise ValueError("fuse_adaln would skip the input quantizers of the adaLN layers; sample unfused")
+    norms = [getattr(b, "adaLN_norm", None) for b in blocks]  # TerDiT's RMSNorm; the original DiT has none
     has_bias, has_norm = lins[0].bias is not None, norms[0] is not None
     first = lins[0]
     model.adaln_stack = StackedAdaLN(
@@ -170,41 +173,3 @@ def fuse_adaln(model: nnx.Module) -> nnx.Module:
         b.adaLN_modulation = None
         b.adaLN_norm = None
     return model
-
-
-def stacked_modulations(model: nnx.Module, c: jax.Array) -> jax.Array:
-    """(L, B, 6D) modulations of every block of a fused model, from c = model.condition(t, y)."""
-    return model.adaln_stack(c)
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedApply:
-    """Hashable apply for a fused packed model: PackedApply(graphdef)(params, x, t, y) → model output.
-
-    Same call contract as `model_fn.ApplyDiT`; per step it runs one stacked adaLN matmul and then the
-    blocks with those modulations. params: the full nnx.State of the fused model (codes included).
-    """
-    graphdef: nnx.GraphDef
-
-    def __call__(self, params, x, t, y, drop_key=None):
-        model = nnx.merge(self.graphdef, params)
-        mods = model.adaln_stack(model.condition(t, y, drop_key))
-        return model(x, t, y, drop_key=drop_key, modulations=mods)
-
-
-def split_packed(model: nnx.Module, *, fuse: bool = True):
-    """A packed DiT → (apply, params) for the samplers; with `fuse` the adaLN runs batched (`PackedApply`).
-
-    Unlike `model_fn.init_model` this splits every Variable (the codes are not Params).
-    """
-    if fuse:
-        graphdef, params = nnx.split(fuse_adaln(model))
-        return PackedApply(graphdef), params
-    from terdit_jax.model_fn import ApplyDiT
-    graphdef, params = nnx.split(model)
-    return ApplyDiT(graphdef), params
-
-
-def packed_model_fn(apply, params) -> Partial:
-    """model_fn(x, t, y) for `diffusion.samplers.sample`; params travel as a pytree (no re-trace per call)."""
-    return Partial(apply, params)

@@ -1,17 +1,18 @@
-"""Ternary weights (TerDiT, arXiv 2405.14854 §3.2) and the pluggable linear-layer factory.
-
-Every linear in the model is built by `make_linear(role, ...)`. The role (e.g. "attention.wq",
-"adaLN_modulation") and the model config decide the kind: full precision ("fp"), ternary QAT
-("ternary"), or any kind registered later in `LINEAR_KINDS` (packed inference, PTQ baselines).
+"""Ternary weights (TerDiT, arXiv 2405.14854 §3.2): the absmean quantizer, its straight-through estimator,
+and the full-precision and ternary QAT linear layers. Which layer gets which kind is decided in `linears.py`.
 """
 from __future__ import annotations
 
 import math
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from terdit_jax.logical_axes import mesh_axes
+from terdit_jax.quant.sites import quantize
 
 EPS = 1e-6  # added to γ before dividing, as in the official fairscale `ternary` layer
 
@@ -26,22 +27,37 @@ def absmean_ternary(w: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round(w / (gamma + EPS)), -1.0, 1.0)
 
 
-@jax.custom_vjp
-def ternary_weight(w: jax.Array, alpha: jax.Array) -> jax.Array:
-    """Effective weight α·W_t of a ternary layer, with the straight-through estimator.
+def absmean_ternary_blocks(w: jax.Array, axis: int, n: int) -> jax.Array:
+    """TerDiT eq. 2 with γ taken separately over each of `n` equal blocks of `axis`: the γ each tensor-parallel
+    rank computes from its local weight shard in the official fairscale Column/RowParallel ternary layers.
+    n = 1 is the global γ (`absmean_ternary`)."""
+    if n == 1:
+        return absmean_ternary(w)
+    w = w.astype(jnp.float32)
+    shape = w.shape
+    blocks = w.reshape(shape[:axis] + (n, shape[axis] // n) + shape[axis + 1:])
+    red = tuple(i for i in range(blocks.ndim) if i != axis)
+    gamma = jnp.mean(jnp.abs(blocks), axis=red, keepdims=True)
+    return jnp.clip(jnp.round(blocks / (gamma + EPS)), -1.0, 1.0).reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def ternary_weight(w: jax.Array, alpha: jax.Array, axis: int = 0, shards: int = 1) -> jax.Array:
+    """Effective weight α·W_t of a ternary layer, with the straight-through estimator; γ over `shards` blocks of
+    `axis` (1 = the whole matrix, see `absmean_ternary_blocks`).
 
     Gradients follow the official training layer: ∂L/∂W = α·∂L/∂w (identity STE, no clipping
     mask, nothing through γ) and ∂L/∂α = Σ ∂L/∂w ⊙ W_t.
     """
-    return alpha * absmean_ternary(w)
+    return alpha * absmean_ternary_blocks(w, axis, shards)
 
 
-def _ternary_fwd(w, alpha):
-    w_t = absmean_ternary(w)
+def _ternary_fwd(w, alpha, axis, shards):
+    w_t = absmean_ternary_blocks(w, axis, shards)
     return alpha * w_t, (w_t, alpha)
 
 
-def _ternary_bwd(res, g):
+def _ternary_bwd(axis, shards, res, g):
     w_t, alpha = res
     g = g.astype(jnp.float32)
     return (alpha * g).astype(w_t.dtype), jnp.sum(g * w_t).reshape(alpha.shape).astype(alpha.dtype)
@@ -65,21 +81,31 @@ def normal_init(std: float) -> Callable:
 
 
 class Dense(nnx.Module):
-    """Full-precision linear y = x·W (+ b). kernel (in, out) float32, cast to `dtype` for the matmul."""
+    """Full-precision linear y = x·W (+ b). kernel (in, out) float32, cast to `dtype` for the matmul.
+
+    `input_site` / `weight_site`: quantizers of the layer's input and weight (quant/sites.py), None = identity.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, kernel_init: Callable,
-                 axes: tuple[str | None, str | None], dtype=jnp.float32, rngs: nnx.Rngs, **unused):
+                 axes: tuple[str | None, str | None], dtype=jnp.float32, rngs: nnx.Rngs,
+                 input_site: nnx.Module | None = None, weight_site: nnx.Module | None = None):
         self.dtype = dtype
         self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features)), logical_axes=axes)
         self.bias = nnx.Param(jnp.zeros((out_features,)), logical_axes=axes[1:]) if use_bias else None
+        self.input_site, self.weight_site = input_site, weight_site
 
     def weight(self) -> jax.Array:
         return self.kernel[...]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x (..., in) → (..., out) in `dtype`."""
-        y = jnp.dot(x.astype(self.dtype), self.weight().astype(self.dtype))
+    def __call__(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
+        """x (..., in) → (..., out) in `dtype`. t (B,): timesteps, for time-aware quantizers only."""
+        x = quantize(self.input_site, x, t)
+        y = jnp.dot(x.astype(self.dtype), quantize(self.weight_site, self.weight(), t).astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+ALPHA_INITS = ("randn", "xavier_absmean", "one")
+GAMMA_MODES = ("global", "shard")  # γ over the whole logical matrix, or per tensor-parallel shard (official)
 
 
 def init_alpha(mode: str, shape: tuple[int, int], key) -> jax.Array:
@@ -92,7 +118,7 @@ def init_alpha(mode: str, shape: tuple[int, int], key) -> jax.Array:
         return jnp.asarray(0.5 * math.sqrt(6.0 / (shape[0] + shape[1])), jnp.float32)
     if mode == "one":
         return jnp.ones(())
-    raise ValueError(f"unknown alpha_init {mode!r}; use 'randn', 'xavier_absmean' or 'one'")
+    raise ValueError(f"unknown alpha_init {mode!r}; use one of {ALPHA_INITS}")
 
 
 class TernaryDense(Dense):
@@ -111,25 +137,21 @@ class TernaryDense(Dense):
         return ternary_weight(self.kernel[...], self.alpha[...])
 
 
-# Registry of linear kinds; other modules add theirs (packed inference, PTQ fake-quant) here.
-LINEAR_KINDS: dict[str, type] = {"fp": Dense, "ternary": TernaryDense}
+class ShardGammaTernaryDense(TernaryDense):
+    """TernaryDense whose γ is computed per tensor-parallel shard of the kernel (`model.ternary_gamma='shard'`).
 
+    The split axis is the kernel axis whose logical name maps to the 'tensor' mesh axis; a kernel not split over
+    'tensor' is whole on every tensor rank, so its γ is global. Parameters (kernel, alpha) are those of
+    TernaryDense, so checkpoints move freely between the two kinds.
+    """
 
-def layer_kind(role: str, model_cfg) -> str:
-    """Kind of the linear with this role: `model.linear` if the role starts with one of
-    `model.quantized_layers`, else full precision (TerDiT keeps embedders and the final layer fp)."""
-    prefixes = tuple(p for p in str(model_cfg.quantized_layers).split(",") if p)
-    return model_cfg.linear if role.startswith(prefixes) else "fp"
+    def __init__(self, in_features: int, out_features: int, *, axes, tensor_shards: int, **kw):
+        super().__init__(in_features, out_features, axes=axes, **kw)
+        shape = (in_features, out_features)
+        self.shard_axis, self.shards = 0, 1
+        for i, name in enumerate(axes):
+            if "tensor" in mesh_axes(name) and tensor_shards > 1 and shape[i] % tensor_shards == 0:
+                self.shard_axis, self.shards = i, tensor_shards
 
-
-def make_linear(role: str, in_features: int, out_features: int, *, model_cfg, rngs: nnx.Rngs,
-                use_bias: bool, kernel_init: Callable, axes, dtype) -> nnx.Module:
-    """Build the linear layer for `role` (e.g. 'attention.wq') with the kind the config picks."""
-    kind = layer_kind(role, model_cfg)
-    if kind not in LINEAR_KINDS:
-        raise ValueError(f"unknown linear kind {kind!r} for {role}; known: {sorted(LINEAR_KINDS)}")
-    extra = {"alpha_init": model_cfg.alpha_init} if kind == "ternary" else {}
-    if kind == "packed":
-        extra = {"act_dtype": model_cfg.packed_act_dtype, "backend": model_cfg.packed_backend}
-    return LINEAR_KINDS[kind](in_features, out_features, use_bias=use_bias, kernel_init=kernel_init,
-                              axes=tuple(axes), dtype=dtype, rngs=rngs, **extra)
+    def weight(self) -> jax.Array:
+        return ternary_weight(self.kernel[...], self.alpha[...], self.shard_axis, self.shards)

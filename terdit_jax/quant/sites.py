@@ -1,0 +1,96 @@
+"""Quantization sites: the named places in a model where a tensor can be quantized, and the rules that give
+each site its quantizer.
+
+A model asks `make_site(path, cfg, shape)` for every site, as it asks `models.linears.make_linear` for every
+linear. The path is the module path in the parameter tree plus the tensor's role, e.g.
+
+    layers.3.attention.wq.input    (..., in)       input of a linear (every linear has one)
+    layers.3.attention.wq.weight   (in, out)       weight of a linear, as the matmul uses it
+    layers.3.attention.q / .k / .v (B, T, H, hd)   attention operands (q, k after RoPE where there is RoPE)
+    layers.3.attention.probs       (B, H, T, T)    softmax probabilities (then attention runs unfused)
+    layers.3.feed_forward.hidden   (B, T, F)       FFN hidden: the gated SwiGLU product, or post-GELU for DiT;
+                                                   the same tensor as the input of w2/fc2 (quantize one of them)
+
+(DiT-XL paths read `blocks.N.attn...` and `blocks.N.mlp.hidden`.) `model.sites` is an ordered tuple of rules
+{"path": regex, "kind": quantizer kind, **settings}; the first rule whose regex matches the whole path wins,
+kind "none" leaves a site alone, and a rule that matches no site is an error (`check_rules`). A site no rule
+names is None: it holds no variables and adds nothing to the program. Rules match paths like qwix's
+`QuantizationRule` matches module paths, but nothing is intercepted: the model calls its sites itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+
+import jax
+
+from terdit_jax.quant.quantizers import QUANTIZERS
+
+_REQUESTED: contextvars.ContextVar[list | None] = contextvars.ContextVar("requested_sites", default=None)
+RULE_KEYS = ("path", "kind")
+
+
+class SiteError(ValueError):
+    """A site rule that cannot work; the message names the rule and what to do."""
+
+
+def quantize(site, x: jax.Array, t: jax.Array | None) -> jax.Array:
+    """x through `site` (None = identity)."""
+    return x if site is None else site(x, t)
+
+
+def _rules(cfg) -> tuple[dict, ...]:
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d: getattr(cfg, k, d)
+    return tuple(get("sites", ()) or ())
+
+
+def _pattern(rule) -> re.Pattern:
+    if not isinstance(rule, dict) or any(k not in rule for k in RULE_KEYS):
+        raise SiteError(f"site rule {rule!r} must be a dict with keys 'path' (a regex) and 'kind'")
+    try:
+        return re.compile(rule["path"])
+    except re.error as e:
+        raise SiteError(f"site rule path {rule['path']!r} is not a valid regular expression ({e})") from e
+
+
+def make_site(path: str, cfg, shape: tuple):
+    """The quantizer of site `path` under the rules `cfg.sites` (first full match wins), or None."""
+    requested = _REQUESTED.get()
+    if requested is not None:
+        requested.append(path)
+    for rule in _rules(cfg):
+        if _pattern(rule).fullmatch(path):
+            if rule["kind"] == "none":
+                return None
+            _check_kind(rule)
+            settings = {k: v for k, v in rule.items() if k not in RULE_KEYS}
+            return QUANTIZERS.get(rule["kind"])(path=path, shape=tuple(shape), **settings)
+    return None
+
+
+def _check_kind(rule):
+    if rule["kind"] != "none" and rule["kind"] not in QUANTIZERS:
+        raise SiteError(f"site rule {rule['path']!r}: unknown quantizer kind {rule['kind']!r}; known: "
+                        f"{', '.join(QUANTIZERS.names())} or 'none'")
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the path of every site requested while the block runs (a model being built)."""
+    token = _REQUESTED.set([])
+    try:
+        yield _REQUESTED.get()
+    finally:
+        _REQUESTED.reset(token)
+
+
+def check_rules(cfg, paths: list[str]) -> None:
+    """Every rule of `cfg.sites` must match at least one of the model's site `paths`."""
+    for rule in _rules(cfg):
+        pattern = _pattern(rule)
+        _check_kind(rule)
+        if not any(pattern.fullmatch(p) for p in paths):
+            examples = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
+            raise SiteError(f"site rule {rule['path']!r} matches no site of this model (its sites look like "
+                            f"{examples}; `terdit_jax.models.families.site_paths(cfg)` lists them all)")
