@@ -36,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.patch_size = 2
     m.in_channels = 4
     m.num_classes = 1000
-    m.multiple_of = 256
+    m.multiple_of = 256  # Large-DiT: SwiGLU hidden width rounded up to this
+    m.mlp_ratio = 4.0  # the original DiT: MLP hidden width = mlp_ratio·dim
     m.ffn_dim_multiplier = config_dict.placeholder(float)
     m.norm_eps = 1e-5
     m.qk_norm = False

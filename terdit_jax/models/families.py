@@ -51,6 +51,7 @@ FAMILIES: Registry[Family] = Registry("model family", {
         module=dit.DiT,
         presets={name: dict(dim=d, n_layers=n, n_heads=h) for name, (d, n, h) in dit.PRESETS.items()},
         cond_dim=lambda d: min(d, 1024),
+        unused_fields=("mlp_ratio",),
         importer="terdit_jax.convert.terdit_official",
         check=_large_dit_check),
 })
