@@ -138,6 +138,30 @@ def test_export_from_a_training_workdir_roundtrips_and_never_overwrites(qat, inp
     assert sorted(os.listdir(tmp_path)) == ["export", "run"]
 
 
+def test_sampling_an_export_computes_in_the_dtype_the_user_asks_for(qat, inputs, tmp_path):
+    """The manifest supplies the architecture only: an export made from a bfloat16 config samples in float32 when
+    the user's config says float32 (and the reverse), through `--mode sample`'s loader."""
+    from terdit_jax.sample import load_for_sampling
+
+    config, apply, ema = qat
+    bf16 = config.copy_and_resolve_references()
+    bf16.model.dtype = "bfloat16"
+    out = str(tmp_path / "export")
+    assert export.export_packed(bf16, ema, out)["model"]["dtype"] == "bfloat16"
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        user = config.copy_and_resolve_references()
+        user.model.dtype, user.model.packed_act_dtype, user.sample.packed_path = dtype, "f32", out
+        cfg, apply_p, params_p, _, _ = load_for_sampling(user, str(tmp_path))
+        assert cfg.model.dtype == dtype
+        outputs[dtype] = np.asarray(apply_p(params_p, *inputs), np.float32)
+    ref = np.asarray(apply(ema, *inputs))  # the float32 QAT model
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(outputs["float32"], ref, rtol=1e-5, atol=1e-5 * scale)
+    assert np.abs(outputs["bfloat16"] - ref).max() > 1e-3 * scale  # bf16 rounding shows
+    np.testing.assert_allclose(outputs["bfloat16"], ref, atol=5e-2 * scale)
+
+
 def test_incomplete_or_foreign_exports_are_refused(qat, tmp_path):
     config, _, params = qat
     (tmp_path / "half").mkdir()  # e.g. a crash before the manifest was written

@@ -80,6 +80,8 @@ def test_a_different_architecture_is_refused_and_checkpoints_kept(demo_run):
     (["--config.model.name=DiT_Llama_1B"], "unknown model 'DiT_Llama_1B'"),
     (["--workdir", "/proc/not/writable"], "cannot write to workdir"),
     (["--mode", "sample", "--workdir", "/tmp/terdit-empty-workdir-for-test"], "no checkpoint in"),
+    (["--config.model.family=nope"], "config.model.family: 'nope' is not one of 'large_dit'"),
+    (["--mode", "sample", "--config.sample.num_steps=0"], "config.sample.num_steps: 0 cannot respace 1000 steps"),
 ])
 def test_bad_input_gives_one_clear_message(args, expect):
     r = cli(*args, check=False)
