@@ -38,7 +38,7 @@ from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.diffusion.samplers import sample
 from terdit_jax.models import packed as packed_lib
 from terdit_jax.model_fn import ApplyDiT, PackedApply, split_packed
-from terdit_jax.models.families import abstract
+from terdit_jax.models.families import abstract, build
 from terdit_kernels import resolve_backend
 
 MODELS = {"600M": "DiT_Llama_600M_patch2", "4.2B": "DiT_Llama_3B_patch2"}
@@ -81,7 +81,7 @@ def abstract_build(model_cfg, variant: str):
     """(apply, params as ShapeDtypeStructs) of a variant, nothing allocated (for --compile_only)."""
     if variant == "packed":
         model = nnx.eval_shape(lambda: packed_lib.fuse_adaln(packed_lib.configure_packed(
-            abstract(model_cfg), *packed_lib.packed_settings(model_cfg))))
+            build(model_cfg, nnx.Rngs(0)), *packed_lib.packed_settings(model_cfg))))
         graphdef, params = nnx.split(model)
         return PackedApply(graphdef), params
     graphdef, params = nnx.split(abstract(model_cfg), nnx.Param)

@@ -1,11 +1,14 @@
-"""Packed 2-bit ternary weights and the packed-ternary matmul (Pallas kernel + XLA fallback)."""
-from terdit_kernels.ops import resolve_backend, ternary_matmul
+"""Packed 2-bit ternary weights and the packed-ternary matmul (Triton and Pallas GPU kernels + tiled XLA fallback)."""
+from terdit_kernels.blocks import BlockConfig, choose_config
+from terdit_kernels.ops import AUTO_GPU_TABLE, BACKENDS, auto_gpu_backend, resolve_backend, ternary_matmul
 from terdit_kernels.packing import PACK_BLOCK_K, PACK_FORMAT, from_hqq, pack, padded_k, to_hqq, unpack
-from terdit_kernels.pallas_ternary import BlockConfig, choose_config, pallas_ternary_matmul
-from terdit_kernels.reference import quantize_activations, ternary_matmul_reference
+from terdit_kernels.pallas_ternary import pallas_ternary_matmul
+from terdit_kernels.reference import TILE_ELEMENTS, quantize_activations, ternary_matmul_reference, tile_columns
+from terdit_kernels.triton_ternary import triton_ternary_matmul
 
 __all__ = [
-    "PACK_BLOCK_K", "PACK_FORMAT", "BlockConfig", "choose_config", "from_hqq", "pack", "padded_k",
-    "pallas_ternary_matmul", "quantize_activations", "resolve_backend", "ternary_matmul",
-    "ternary_matmul_reference", "to_hqq", "unpack",
+    "AUTO_GPU_TABLE", "BACKENDS", "PACK_BLOCK_K", "PACK_FORMAT", "TILE_ELEMENTS", "BlockConfig", "auto_gpu_backend",
+    "choose_config", "from_hqq", "pack", "padded_k", "pallas_ternary_matmul", "quantize_activations",
+    "resolve_backend", "ternary_matmul", "ternary_matmul_reference", "tile_columns", "to_hqq",
+    "triton_ternary_matmul", "unpack",
 ]

@@ -7,7 +7,14 @@ Layer shapes are those of the TerDiT ternary linears (terdit_official.md section
 (D -> D), w1/w3 (D -> F), w2 (F -> D) and adaLN (C -> 6D), with C = 1024. M is tokens x batch for the
 token linears and batch for adaLN; the sweep uses the same M grid for all of them. Each timing is the
 mean over ``--iters`` back-to-back calls (dispatch is asynchronous, so launch latency is amortised the
-same way for both sides; best of 3 such means). ``speedup`` = baseline time / kernel time; CPU numbers say nothing about GPUs.
+same way for both sides; best of 3 such means). ``speedup`` = baseline time / kernel time; CPU numbers say
+nothing about GPUs. ``max_err_vs_xla``: max |y - y_xla| / max |y_xla| against the tiled XLA fallback, the
+same call (bf16 outputs: about 4e-3 is one rounding).
+
+``--backend all`` times every backend this process can run (on a GPU: triton, pallas, xla; on a CPU: xla,
+plus the interpreted kernels with ``--interpret``) and adds ``auto_table``: per act dtype, the fastest
+backend at each M (summed over the sweep's layers), merged into ``(max_m, backend)`` rows in the form of
+``terdit_kernels.ops.AUTO_GPU_TABLE``. Only a GPU run's table means anything.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terdit_kernels.ops import resolve_backend, ternary_matmul
+from terdit_kernels.triton_ternary import interpreter_available, triton_available
 from terdit_kernels.packing import PACK_FORMAT, pack
 
 MODELS = {  # name: (D, F, C)
@@ -56,11 +64,46 @@ def _time_ms(fn, args, iters: int, repeats: int = 3) -> float:
     return best
 
 
+def available_backends(interpret: bool) -> list[str]:
+    """Backends ``--backend all`` times: the GPU kernels on a GPU (triton only with jax_triton) or interpreted."""
+    on_gpu = jax.default_backend() == "gpu"
+    names = []
+    if (on_gpu and triton_available()) or (interpret and interpreter_available()):
+        names.append("triton")
+    if on_gpu or interpret:
+        names.append("pallas")
+    return names + ["xla"]
+
+
+def auto_table(rows: list[dict]) -> dict:
+    """Per act: the fastest backend at each M (kernel_ms summed over layers) as (max_m, backend) rows.
+
+    Consecutive Ms with the same winner merge into one row; the last row is open-ended (max_m None).
+    """
+    table = {}
+    for act in sorted({r["act"] for r in rows}):
+        total = {}
+        for r in rows:
+            if r["act"] == act:
+                total[(r["M"], r["backend"])] = total.get((r["M"], r["backend"]), 0.0) + r["kernel_ms"]
+        ms = sorted({m for m, _ in total})
+        best = [min((t, b) for (m2, b), t in total.items() if m2 == m)[1] for m in ms]
+        merged = []
+        for m, b in zip(ms, best):
+            if merged and merged[-1][1] == b:
+                merged[-1][0] = m
+            else:
+                merged.append([m, b])
+        merged[-1][0] = None
+        table[act] = [tuple(r) for r in merged]
+    return table
+
+
 def run(sweep: str = "full", backend: str = "auto", interpret: bool = False,
         acts: tuple[str, ...] = ("bf16", "int8"), iters: int = 20, seed: int = 0) -> dict:
-    """Time every (model, layer, M, act) of a sweep; returns the JSON-ready report."""
+    """Time every (model, layer, M, act, backend) of a sweep; returns the JSON-ready report."""
     ms, models = SWEEPS[sweep]
-    resolved = resolve_backend(backend, interpret)
+    backends = available_backends(interpret) if backend == "all" else [resolve_backend(backend, interpret)]
     dev = jax.devices()[0]
     rng = np.random.default_rng(seed)
     dense = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
@@ -75,23 +118,33 @@ def run(sweep: str = "full", backend: str = "auto", interpret: bool = False,
                 x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
                 base = _time_ms(dense, (x, w_bf16), iters)
                 for act in acts:
-                    fn = lambda x, p, a, act=act: ternary_matmul(x, p, a, k=k, act_dtype=act, backend=resolved,
-                                                                 interpret=interpret)
-                    t = _time_ms(fn, (x, packed, alpha), iters)
-                    rows.append(dict(model=model, layer=name, M=m, K=k, N=n, act=act, kernel_ms=round(t, 5),
-                                     xla_bf16_ms=round(base, 5), speedup=round(base / t, 4)))
-    return dict(
+                    # the tiled XLA fallback's output is the yardstick each kernel's output is checked against
+                    want = np.asarray(ternary_matmul(x, packed, alpha, k=k, act_dtype=act, backend="xla"), np.float32)
+                    for be in backends:
+                        fn = lambda x, p, a, act=act, be=be: ternary_matmul(
+                            x, p, a, k=k, act_dtype=act, backend=be, interpret=interpret and be != "xla")
+                        t = _time_ms(fn, (x, packed, alpha), iters)
+                        got = np.asarray(fn(x, packed, alpha), np.float32)
+                        err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
+                        rows.append(dict(model=model, layer=name, M=m, K=k, N=n, act=act, backend=be,
+                                         kernel_ms=round(t, 5), xla_bf16_ms=round(base, 5),
+                                         speedup=round(base / t, 4), max_err_vs_xla=err))
+    report = dict(
         device=dev.device_kind, platform=dev.platform, jax_version=jax.__version__,
-        backend=resolved, interpret=interpret, pack_format=PACK_FORMAT, sweep=sweep, iters=iters,
-        baseline="jnp.dot bf16 x bf16 -> f32 -> bf16 (dense weights), same run",
+        backend=backends[0] if len(backends) == 1 else backends, interpret=interpret, pack_format=PACK_FORMAT,
+        sweep=sweep, iters=iters, baseline="jnp.dot bf16 x bf16 -> f32 -> bf16 (dense weights), same run",
         weight_bytes_per_param={"packed": 0.25, "bf16": 2.0}, results=rows)
+    if len(backends) > 1:
+        report["auto_table"] = auto_table(rows)
+    return report
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", choices=sorted(SWEEPS), default="full")
-    ap.add_argument("--backend", choices=("auto", "pallas", "xla"), default="auto")
-    ap.add_argument("--interpret", action="store_true", help="run the Pallas kernel in the interpreter")
+    ap.add_argument("--backend", choices=("auto", "triton", "pallas", "xla", "all"), default="auto",
+                    help="'all': every backend this process can run, plus the auto_table they imply")
+    ap.add_argument("--interpret", action="store_true", help="run the GPU kernels in their CPU interpreters")
     ap.add_argument("--acts", default="bf16,int8", help="comma list of bf16, f32, int8")
     ap.add_argument("--iters", type=int, default=20)
     a = ap.parse_args(argv)

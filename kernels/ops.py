@@ -1,4 +1,23 @@
-"""Public entry point: ``ternary_matmul`` picks the Pallas kernel on GPU and the jnp/XLA path elsewhere."""
+"""Public entry point: ``ternary_matmul`` dispatches to a GPU kernel (Triton-language or Pallas) or the XLA path.
+
+Backends:
+
+* ``"triton"``: the Triton-language kernel launched with ``jax_triton.triton_call`` (``triton_ternary``);
+  needs a GPU, triton and jax-triton. With ``interpret=True`` it runs in Triton's CPU interpreter (tests).
+* ``"pallas"``: the Pallas kernel on Pallas' Triton backend (``pallas_ternary``); kept while JAX has that
+  backend (deprecated in jax 0.11). ``interpret=True`` runs it in the Pallas interpreter.
+* ``"xla"``: unpack + dot in bounded N tiles (``reference.ternary_matmul_reference``): CPU, TPU, or a GPU
+  whose kernel does not work.
+* ``"auto"``: off a GPU, ``"xla"`` (``"pallas"`` when ``interpret=True``, as before). On a GPU, the row of
+  ``AUTO_GPU_TABLE[act_dtype]`` whose M range holds the call's M (rows of x after flattening the leading
+  dims) names the backend; ``"triton"`` falls back to ``"pallas"`` when jax_triton cannot be imported.
+
+``AUTO_GPU_TABLE`` is not measured yet (no GPU has run these kernels). Until the GPU suite fills it from
+``python -m terdit_kernels.benchmark --backend all`` (which prints the fastest backend per act dtype and M
+as ``auto_table``), every M goes to ``"triton"``: the Pallas Triton backend is deprecated in jax 0.11, and
+the Triton-language kernel handles ragged shapes with masks instead of padded copies and compiles to
+Hopper wgmma at M >= 64 (``triton_ternary.compile_for_target``, tested on CPU).
+"""
 from __future__ import annotations
 
 import functools
@@ -9,18 +28,44 @@ import jax.numpy as jnp
 from terdit_kernels.packing import check_k
 from terdit_kernels.pallas_ternary import pallas_ternary_matmul
 from terdit_kernels.reference import ACT_DTYPES, ternary_matmul_reference
+from terdit_kernels.triton_ternary import triton_available, triton_ternary_matmul
 
-BACKENDS = ("auto", "pallas", "xla")
+BACKENDS = ("auto", "triton", "pallas", "xla")
+GPU_BACKENDS = ("triton", "pallas")
+
+# act_dtype -> ((max_m, backend), ...): the first row with M <= max_m wins; max_m None = any M.
+# NOT MEASURED: the default below; replace with the benchmark's `auto_table` from a GPU run.
+AUTO_GPU_TABLE: dict[str, tuple[tuple[int | None, str], ...]] = {
+    "bf16": ((None, "triton"),),
+    "f32": ((None, "triton"),),
+    "int8": ((None, "triton"),),
+}
 
 
-def resolve_backend(backend: str = "auto", interpret: bool = False) -> str:
-    """'auto' -> 'pallas' on GPU (or when interpreting), 'xla' on CPU/TPU."""
+def auto_gpu_backend(m: int | None, act_dtype: str = "bf16", table=None) -> str:
+    """The backend 'auto' gives on a GPU for M rows; M None takes the table's catch-all (last) row."""
+    rows = (table or AUTO_GPU_TABLE)[act_dtype]
+    if m is None:
+        choice = rows[-1][1]
+    else:
+        choice = next((b for max_m, b in rows if max_m is None or m <= max_m), rows[-1][1])
+    if choice == "triton" and not triton_available():
+        return "pallas"
+    return choice
+
+
+def resolve_backend(backend: str = "auto", interpret: bool = False, m: int | None = None,
+                    act_dtype: str = "bf16") -> str:
+    """The backend a call runs: 'auto' -> ``auto_gpu_backend`` on GPU, 'pallas' when interpreting, else 'xla'."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    on_gpu = jax.default_backend() == "gpu"
     if backend == "auto":
-        return "pallas" if interpret or jax.default_backend() == "gpu" else "xla"
-    if backend == "pallas" and not interpret and jax.default_backend() != "gpu":
-        raise ValueError(f"the Pallas ternary kernel targets GPUs (Triton) and this process runs on "
+        if interpret:
+            return "pallas"
+        return auto_gpu_backend(m, act_dtype) if on_gpu else "xla"
+    if backend in GPU_BACKENDS and not interpret and not on_gpu:
+        raise ValueError(f"the {backend!r} ternary kernel targets GPUs (Triton) and this process runs on "
                          f"{jax.default_backend()!r}; use backend='xla', or interpret=True for testing.")
     return backend
 
@@ -37,8 +82,8 @@ def ternary_matmul(x, packed, alpha, *, k: int, bias=None, act_dtype: str = "bf1
       k: unpadded K (in-features), static.
       bias: optional (N,).
       act_dtype: 'bf16' (W2A16), 'f32' (W2A16 with f32 activations) or 'int8' (W2A8, per-token absmax).
-      backend: 'auto' (Pallas on GPU, XLA elsewhere), 'pallas' or 'xla'.
-      interpret: run the Pallas kernel in the interpreter (CPU tests); implies backend 'pallas' for 'auto'.
+      backend: 'auto', 'triton', 'pallas' or 'xla' (module docstring: what 'auto' picks).
+      interpret: run the chosen GPU kernel in its CPU interpreter (tests); 'auto' then means 'pallas'.
     Returns:
       (..., N) in x.dtype.
     """
@@ -54,8 +99,12 @@ def ternary_matmul(x, packed, alpha, *, k: int, bias=None, act_dtype: str = "bf1
         raise ValueError(f"bias must have shape ({n},), got {bias.shape}.")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    if resolve_backend(backend, interpret) == "pallas":
-        y = pallas_ternary_matmul(x2, packed, alpha, k=k, bias=bias, act_dtype=act_dtype, interpret=interpret)
+    kw = dict(k=k, bias=bias, act_dtype=act_dtype)
+    chosen = resolve_backend(backend, interpret, m=x2.shape[0], act_dtype=act_dtype)
+    if chosen == "triton":
+        y = triton_ternary_matmul(x2, packed, alpha, interpret=interpret, **kw)
+    elif chosen == "pallas":
+        y = pallas_ternary_matmul(x2, packed, alpha, interpret=interpret, **kw)
     else:
-        y = ternary_matmul_reference(x2, packed, alpha, k=k, bias=bias, act_dtype=act_dtype)
+        y = ternary_matmul_reference(x2, packed, alpha, **kw)
     return y.reshape(*lead, n)

@@ -23,7 +23,6 @@ with ``interpret=True``. Block configs are first guesses, not tuned on a GPU.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -31,45 +30,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from terdit_kernels.blocks import BlockConfig, check_config, choose_config
 from terdit_kernels.packing import PACK_BLOCK_K, check_k
 from terdit_kernels.reference import ACT_DTYPES, quantize_activations
 
 _Q = PACK_BLOCK_K // 4  # packed rows per layout block == activation columns per quarter
 _SHIFTS = (6, 4, 2, 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockConfig:
-    """Tile sizes and Triton launch knobs. bm, bn: powers of two >= 16; split_k divides the K-block count."""
-    bm: int
-    bn: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def _pow2_at_least(v: int, lo: int) -> int:
-    return max(lo, 1 << (v - 1).bit_length())
-
-
-def choose_config(m: int, n: int, kp: int) -> BlockConfig:
-    """Heuristic (untuned) block config for an (m, kp) x (kp, n) problem.
-
-    Small M (GEMV-like, the adaLN linears run at M = batch) uses BM = 16 and split-K so that the grid
-    still has a few hundred programs; large M uses 128 x 128 tiles with 8 warps.
-    """
-    bm = min(_pow2_at_least(m, 16), 128)
-    bn = next((b for b in (128, 64, 32) if n % b == 0), 16)
-    nkb = kp // PACK_BLOCK_K
-    split = 1
-    if m <= 64:
-        programs = -(-m // bm) * -(-n // bn)
-        for s in (8, 4, 2):
-            if nkb % s == 0 and programs * s <= 512:
-                split = s
-                break
-    warps = 8 if bm * bn >= 128 * 128 else 4
-    return BlockConfig(bm=bm, bn=bn, split_k=split, num_warps=warps)
 
 
 def _kernel(x_ref, p_ref, *rest, nkb: int, int8: bool, fused: bool, has_bias: bool):
@@ -131,16 +97,6 @@ def _call(xa, packed, row_scale, bias, *, cfg: BlockConfig, out_dtype, raw: bool
     )(*args)
 
 
-def _check_config(cfg: BlockConfig, kp: int) -> None:
-    for name in ("bm", "bn"):
-        v = getattr(cfg, name)
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"BlockConfig.{name} must be a power of two >= 16 (Triton dot), got {v}.")
-    if cfg.split_k < 1 or (kp // PACK_BLOCK_K) % cfg.split_k:
-        raise ValueError(f"BlockConfig.split_k={cfg.split_k} must divide the number of K blocks "
-                         f"{kp // PACK_BLOCK_K} (Kp={kp} / {PACK_BLOCK_K}).")
-
-
 def pallas_ternary_matmul(x, packed, alpha, *, k: int, bias=None, act_dtype: str = "bf16",
                           out_dtype=None, config: BlockConfig | None = None, interpret: bool = False,
                           return_accumulator: bool = False) -> jax.Array:
@@ -169,7 +125,7 @@ def pallas_ternary_matmul(x, packed, alpha, *, k: int, bias=None, act_dtype: str
     m, n = x.shape[0], packed.shape[1]
     kp = 4 * packed.shape[0]
     cfg = config or choose_config(m, n, kp)
-    _check_config(cfg, kp)
+    check_config(cfg, kp)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     alpha = jnp.asarray(alpha, jnp.float32).reshape(())
 

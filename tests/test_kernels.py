@@ -1,4 +1,5 @@
-"""Packed 2-bit ternary weights, the jnp reference, the Pallas kernel (interpreted) and the benchmark."""
+"""Packed 2-bit ternary weights, the jnp reference / tiled XLA fallback, the Pallas kernel (interpreted),
+backend choice and the benchmark. The Triton-language kernel: test_kernels_triton.py."""
 import contextlib
 import io
 import json
@@ -8,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from terdit_kernels import benchmark, packing
-from terdit_kernels.ops import ternary_matmul
+from terdit_kernels import benchmark, ops, packing
+from terdit_kernels.ops import auto_gpu_backend, resolve_backend, ternary_matmul
 from terdit_kernels.pallas_ternary import BlockConfig, pallas_ternary_matmul
-from terdit_kernels.reference import accumulate, quantize_activations, ternary_matmul_reference
+from terdit_kernels.reference import (TILE_ELEMENTS, accumulate, quantize_activations, ternary_matmul_reference,
+                                      tile_columns)
 
 RNG = np.random.default_rng(1234)
 
@@ -101,6 +103,60 @@ def test_quantize_activations_zero_row_is_finite():
     assert np.all(np.asarray(q) == 0) and np.all(np.isfinite(np.asarray(s)))
 
 
+# ---------------------------------------------------------------- XLA fallback: bounded tiles
+
+
+def test_tile_columns_bounds_each_tile_and_leaves_small_layers_whole():
+    assert tile_columns(1536, 1536) == 1536  # the 600M attention: one dot, no loop
+    # the 4.2B stacked adaLN (C=1024 -> 32 blocks x 6 x 3072): 72 equal tiles of 8192 columns
+    assert tile_columns(1024, 32 * 6 * 3072) == 8192
+    for k, n in [(3072, 3072), (3072, 8192), (8192, 3072), (1024, 28 * 6 * 1536)]:
+        tn = tile_columns(k, n)
+        assert tn < n and n % tn == 0 and tn % 128 == 0 and k * tn <= TILE_ELEMENTS
+    assert tile_columns(200, 1000, 200 * 300) == 256  # 1000 = 3 x 256 + 232: the last tile overlaps
+
+
+@pytest.mark.parametrize("act", ["int8", "bf16"])
+def test_tiled_fallback_equals_untiled(act):
+    k, n, m = 200, 1000, 5  # 4 tiles of 256 at this budget, the last one shifted back to end at N
+    p = packing.pack(_ternary(k, n))
+    x = jnp.asarray(RNG.standard_normal((m, k)), jnp.float32)
+    tiny = 200 * 300
+    assert tile_columns(k, n, tiny) < n
+    if act == "int8":
+        q, _ = quantize_activations(x)
+        np.testing.assert_array_equal(np.asarray(accumulate(q, p, k=k, tile_elements=tiny)),
+                                      np.asarray(accumulate(q, p, k=k, tile_elements=None)))
+    else:  # integer-valued activations: every f32 partial sum is exact, so equality is bit for bit
+        xi = jnp.asarray(RNG.integers(-8, 9, size=(m, k)), jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(accumulate(xi, p, k=k, tile_elements=tiny)),
+                                      np.asarray(accumulate(xi, p, k=k, tile_elements=None)))
+    bias = jnp.asarray(RNG.standard_normal(n), jnp.float32)
+    kw = dict(k=k, bias=bias, act_dtype=act)
+    tiled = ternary_matmul_reference(x, p, 0.3, tile_elements=tiny, **kw)
+    whole = ternary_matmul_reference(x, p, 0.3, tile_elements=None, **kw)
+    np.testing.assert_allclose(np.asarray(tiled), np.asarray(whole), rtol=1e-6, atol=1e-6)
+
+
+def test_fallback_temporaries_are_a_small_fraction_of_the_unpacked_weight():
+    """The 4.2B's stacked adaLN (K=1024, N=32*6*3072) at M = batch 2, compiled for this CPU, never run."""
+    k, n = 1024, 32 * 6 * 3072
+    x = jax.ShapeDtypeStruct((2, k), jnp.bfloat16)
+    p = jax.ShapeDtypeStruct((k // 4, n), jnp.uint8)
+    bf16_bytes = 2 * k * n  # 1.2 GB: what unpacking the whole matrix at once costs
+
+    def temp_bytes(act, tile_elements):
+        f = jax.jit(lambda x, p: ternary_matmul_reference(x, p, 0.5, k=k, act_dtype=act, tile_elements=tile_elements))
+        ma = f.lower(x, p).compile().memory_analysis()
+        if ma is None:
+            pytest.skip("this backend reports no memory analysis")
+        return ma.temp_size_in_bytes
+
+    for act in ("bf16", "int8"):
+        assert temp_bytes(act, TILE_ELEMENTS) < 0.03 * bf16_bytes  # ~18 MB: one tile, not 1.2 GB
+    assert temp_bytes("bf16", None) > 0.9 * bf16_bytes  # untiled, the matrix does materialise
+
+
 # ---------------------------------------------------------------- Pallas kernel (interpreted)
 
 
@@ -154,6 +210,13 @@ def test_pallas_split_k_equals_single_pass():
         pallas_ternary_matmul(x, p, 0.5, config=BlockConfig(16, 32, split_k=3), **kw)
 
 
+def _abstract_gpu():
+    """An abstract H200 mesh: what jax 0.11's Pallas Triton lowering reads the target GPU from when none is
+    attached (jax 0.10 ignores it and assumes sm_90, the same target)."""
+    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev))
+
+
 def test_pallas_kernel_lowers_to_triton_for_cuda():
     """Cross-lowers (no GPU needed) through the Pallas Triton lowering, which rejects unsupported ops/shapes."""
     k, n = 1024, 256
@@ -161,10 +224,11 @@ def test_pallas_kernel_lowers_to_triton_for_cuda():
     for m, act in [(1, "bf16"), (256, "int8")]:
         x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
         f = jax.jit(lambda x, p: pallas_ternary_matmul(x, p, 1.0, k=k, act_dtype=act))
-        try:
-            text = f.trace(x, p).lower(lowering_platforms=("cuda",)).as_text()
-        except RuntimeError as e:  # a jaxlib without the CUDA lowering rules registered
-            pytest.skip(f"cuda cross-lowering unavailable: {e}")
+        with _abstract_gpu():
+            try:
+                text = f.trace(x, p).lower(lowering_platforms=("cuda",)).as_text()
+            except RuntimeError as e:  # a jaxlib without the CUDA lowering rules registered
+                pytest.skip(f"cuda cross-lowering unavailable: {e}")
         assert "xla.gpu.triton" in text
 
 
@@ -191,8 +255,29 @@ def test_ternary_matmul_rejects_bad_arguments():
     with pytest.raises(ValueError, match="act_dtype"):
         ternary_matmul(x, p, 1.0, k=64, act_dtype="fp8")
     if jax.default_backend() != "gpu":
-        with pytest.raises(ValueError, match="interpret=True"):
-            ternary_matmul(x, p, 1.0, k=64, backend="pallas")
+        for backend in ("pallas", "triton"):
+            with pytest.raises(ValueError, match="interpret=True"):
+                ternary_matmul(x, p, 1.0, k=64, backend=backend)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ternary_matmul(x, p, 1.0, k=64, backend="cuda")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the off-GPU choice")
+def test_auto_backend_is_the_xla_fallback_off_gpu():
+    assert resolve_backend("auto") == resolve_backend("auto", m=4096, act_dtype="int8") == "xla"
+    assert resolve_backend("auto", interpret=True) == "pallas"
+    assert resolve_backend("triton", interpret=True) == "triton"
+
+
+def test_auto_gpu_table_picks_by_m_and_falls_back_to_pallas(monkeypatch):
+    table = {"bf16": ((16, "xla"), (512, "pallas"), (None, "triton"))}
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    assert [auto_gpu_backend(m, "bf16", table) for m in (1, 16, 17, 512, 513, None)] == \
+        ["xla", "xla", "pallas", "pallas", "triton", "triton"]
+    monkeypatch.setattr(ops, "triton_available", lambda: False)  # no jax_triton on this GPU
+    assert auto_gpu_backend(4096, "bf16", table) == "pallas"
+    for act in ("bf16", "f32", "int8"):  # the unmeasured default covers every act dtype and M
+        assert ops.AUTO_GPU_TABLE[act][-1][0] is None
 
 
 @pytest.mark.parametrize("args", [["--backend", "xla"], ["--interpret", "--acts", "int8"]])
