@@ -197,7 +197,7 @@ def forward(graphdef, params, x, t, y, *, remat: str = "none", mesh: Mesh | None
     tokens, ctx = model.embed(x, t)
     tokens = cons(tokens)
     c = model.condition(t, y, None)
-    for block in model.blocks():
+    for block in model.block_list():
         if remat == "none":
             tokens = block(tokens, c, ctx)
         else:

@@ -76,7 +76,7 @@ class DiffusionTransformer(nnx.Module):
     A subclass sets `self.patch_size` and `self.final_layer` and defines
       embed(x (B, H, W, C), t (B,)) → (tokens (B, T, D), Context),
       condition(t (B,), y (B,), drop_key=None) → c (B, C) float32,
-      blocks() → the transformer blocks in order, each called block(tokens, c, ctx, mod=None) → tokens.
+      block_list() → the transformer blocks in order, each called block(tokens, c, ctx, mod=None) → tokens.
     """
 
     def unembed(self, tokens: jax.Array, c: jax.Array, ctx: Context, h: int, w: int) -> jax.Array:
@@ -89,6 +89,6 @@ class DiffusionTransformer(nnx.Module):
         deployment can compute them for all blocks in one batched matmul."""
         tokens, ctx = self.embed(x, t)
         c = self.condition(t, y, drop_key)
-        for i, block in enumerate(self.blocks()):
+        for i, block in enumerate(self.block_list()):
             tokens = block(tokens, c, ctx, None if modulations is None else modulations[i])
         return self.unembed(tokens, c, ctx, x.shape[1], x.shape[2])

@@ -12,7 +12,7 @@ from typing import Callable
 import jax
 from flax import nnx
 
-from terdit_jax.models import dit
+from terdit_jax.models import dit, dit_xl
 from terdit_jax.quant.sites import check_rules, recording
 from terdit_jax.registry import Registry
 
@@ -54,6 +54,14 @@ FAMILIES: Registry[Family] = Registry("model family", {
         unused_fields=("mlp_ratio",),
         importer="terdit_jax.convert.terdit_official",
         check=_large_dit_check),
+    "dit": Family(
+        module=dit_xl.OriginalDiT,
+        presets=dit_xl.PRESETS,
+        cond_dim=lambda d: d,  # the original DiT conditions on the full width (no 1024 cap)
+        unused_fields=dit_xl.UNUSED_FIELDS,
+        fixed_params=dit_xl.fixed_params,
+        importer="terdit_jax.convert.dit_official",
+        check=dit_xl.check),
 })
 
 

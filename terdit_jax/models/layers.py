@@ -81,21 +81,22 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, probs_site, t: jax.Array | None) -> jax.Array:
-    """softmax(q·kᵀ/sqrt(hd))·v for q, k, v (B, T, H, hd) → (B, T, H, hd). Fused unless `probs_site` quantizes
-    the probabilities; then the (B, H, T, T) softmax is formed in float32 (as XLA's fused attention does)."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, probs_site, t: jax.Array | None,
+              scores_site=None) -> jax.Array:
+    """softmax(q·kᵀ/sqrt(hd))·v for q, k, v (B, T, H, hd) → (B, T, H, hd). Fused unless a site acts on the
+    (B, H, T, T) scores or probabilities; then they are formed in float32 (as XLA's fused attention does)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if probs_site is None:
+    if probs_site is None and scores_site is None:
         return jax.nn.dot_product_attention(q, k, v, scale=scale)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    probs = quantize(probs_site, jax.nn.softmax(logits, axis=-1), t)
+    probs = quantize(probs_site, jax.nn.softmax(quantize(scores_site, logits, t), axis=-1), t)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
 def attention_sites(path: str, cfg, n_heads: int, head_dim: int) -> tuple:
-    """The q, k, v (B, T, H, hd) and probs (B, H, T, T) sites of the attention at `path`."""
+    """The q, k, v (B, T, H, hd), probs and scores (B, H, T, T) sites of the attention at `path`."""
     qkv = tuple(make_site(f"{path}.{r}", cfg, (None, None, n_heads, head_dim)) for r in "qkv")
-    return (*qkv, make_site(f"{path}.probs", cfg, (None, n_heads, None, None)))
+    return (*qkv, *(make_site(f"{path}.{r}", cfg, (None, n_heads, None, None)) for r in ("probs", "scores")))
 
 
 class Attention(nnx.Module):
@@ -111,8 +112,8 @@ class Attention(nnx.Module):
         self.wo = make_linear(f"{path}.wo", d, d, axes=("heads", "embed"), **lin)
         self.q_norm = LayerNorm(d, eps=1e-5, affine=True, axis_name="heads") if cfg.qk_norm else None
         self.k_norm = LayerNorm(d, eps=1e-5, affine=True, axis_name="heads") if cfg.qk_norm else None
-        self.q_site, self.k_site, self.v_site, self.probs_site = attention_sites(path, cfg, self.n_heads,
-                                                                                 self.head_dim)
+        sites = attention_sites(path, cfg, self.n_heads, self.head_dim)
+        self.q_site, self.k_site, self.v_site, self.probs_site, self.scores_site = sites
 
     def __call__(self, x: jax.Array, angles: jax.Array, t: jax.Array | None = None) -> jax.Array:
         """x (B, T, D), angles (T, hd/2) → (B, T, D)."""
@@ -123,7 +124,7 @@ class Attention(nnx.Module):
         q, k, v = (a.reshape(b, n, self.n_heads, self.head_dim) for a in (q, k, v))
         q, k = apply_rope(q, angles), apply_rope(k, angles)
         q, k, v = quantize(self.q_site, q, t), quantize(self.k_site, k, t), quantize(self.v_site, v, t)
-        return self.wo(attention(q, k, v, self.probs_site, t).reshape(b, n, -1), t)
+        return self.wo(attention(q, k, v, self.probs_site, t, self.scores_site).reshape(b, n, -1), t)
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
