@@ -9,7 +9,15 @@ export never looks valid)::
 
 Each ternary layer stores `packed` = terdit_kernels.pack(W_t) with W_t = absmean_ternary(latent EMA
 kernel) — exactly the training quantizer (TerDiT eq. 2, `models.ternary.absmean_ternary`) — and its
-learned scalar `alpha`; α·W_t is then the weight the QAT model computed with.
+learned scalar `alpha`; α·W_t is then the weight the QAT model computed with. A BitNet model
+(`model.linear="bitnet"`) has no α: its `alpha` is the γ = mean|W| its BitLinear scaled by
+(`models.bitnet.bitnet_gamma`), and the manifest's model says `packed_from: "bitnet"`, so the packed layers
+keep BitLinear's input norm.
+
+Activation precision: the manifest records `act_bits` (8 = trained with per-token int8 activations, W1.58A8; 16
+= not), top level and in its model config. `load_packed` runs an A8 export on the int8 (W2A8) path without being
+told and refuses to run an export with activations it was not trained for (int8 on an A16 export, bf16/f32 on
+an A8 one) unless `model.packed_act_force` says that is meant (`packed_act_dtype_for`).
 """
 from __future__ import annotations
 
@@ -30,8 +38,10 @@ from terdit_jax.checkpoint import ADDED_MODEL_FIELDS, RUNTIME_MODEL_FIELDS, load
 from terdit_jax.labels import LABEL_ORDERS
 from terdit_jax.model_fn import split_packed
 from terdit_jax.models import packed as packed_lib
+from terdit_jax.models.bitnet import bitnet_gamma
 from terdit_jax.models.families import abstract
-from terdit_jax.models.ternary import absmean_ternary
+from terdit_jax.models.linears import PACKABLE_KINDS
+from terdit_jax.models.ternary import ACT_BITS, absmean_ternary
 
 FORMAT_NAME = "terdit-jax-packed"
 FORMAT_VERSION = 1
@@ -44,9 +54,11 @@ class ExportError(RuntimeError):
 
 
 def packed_model_config(model_cfg):
-    """A copy of the model config with `linear='packed'` (the deployed model's architecture)."""
+    """A copy of the model config with `linear='packed'` (the deployed model's architecture) and `packed_from` the
+    QAT kind it came from (kept as it is for a config that is packed already)."""
     d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    return ml_collections.ConfigDict({**d, "linear": "packed"})
+    source = d.get("linear") if d.get("linear") in PACKABLE_KINDS else d.get("packed_from", "ternary")
+    return ml_collections.ConfigDict({**d, "linear": "packed", "packed_from": source})
 
 
 def abstract_packed(model_cfg):
@@ -61,6 +73,9 @@ def packed_nbytes(model_cfg) -> int:
                    for _, v in nnx.to_flat_state(state)))
 
 
+_gamma = jax.jit(bitnet_gamma)  # BitLinear's scale, computed as the layer computes it
+
+
 @jax.jit
 def _quantize_and_pack(latent: jax.Array) -> jax.Array:
     """(K, N) float32 latent kernel → (padded_k(K)/4, N) uint8 codes of absmean_ternary(latent), one layer at a time."""
@@ -68,22 +83,25 @@ def _quantize_and_pack(latent: jax.Array) -> jax.Array:
 
 
 def pack_state(ternary_params, model_cfg) -> nnx.State:
-    """Ternary QAT params (nnx.State or nested dict, paths of the linear='ternary' model) → packed model state.
+    """QAT params (nnx.State or nested dict, paths of the `model_cfg.linear` model: 'ternary' or 'bitnet') →
+    packed model state.
 
     Ternary layers: `kernel` (K, N) float32 latent → `packed` = pack(absmean_ternary(kernel)); `alpha`, `bias`
-    and every other variable are copied (cast to the packed model's dtype, float32). Unknown or missing
-    paths raise ExportError listing them.
+    and every other variable are copied (cast to the packed model's dtype, float32). BitLinear layers have no
+    `alpha`; theirs is γ = bitnet_gamma(kernel). Unknown or missing paths raise ExportError listing them.
     """
     src = trees.flat(ternary_params)
     used = set()
+    bitnet = packed_model_config(model_cfg).packed_from == "bitnet"
 
     def lookup(path, want):
-        if path[-1] == "packed":
+        if path[-1] == "packed" or (bitnet and path[-1] == "alpha"):
             k = trees.key(path[:-1] + ("kernel",))
             if k not in src:
                 raise KeyError(k)
             used.add(k)
-            return _quantize_and_pack(jnp.asarray(src[k], jnp.float32))
+            latent = jnp.asarray(src[k], jnp.float32)
+            return _quantize_and_pack(latent) if path[-1] == "packed" else _gamma(latent)
         k = trees.key(path)
         if k not in src:
             raise KeyError(k)
@@ -96,7 +114,7 @@ def pack_state(ternary_params, model_cfg) -> nnx.State:
         raise ExportError("the parameters do not match the packed model of this config: "
                           f"missing {missing[:20]}{'…' if len(missing) > 20 else ''}; unexpected {extra[:20]}; "
                           f"wrong shapes {bad_shape[:20]} (was the checkpoint trained with this model config, "
-                          "with model.linear='ternary'?)")
+                          f"with model.linear in {PACKABLE_KINDS}?)")
     return state
 
 
@@ -124,11 +142,15 @@ def write_packed(out_dir: str, state: nnx.State, model_cfg, *, label_order: str 
     if os.path.exists(out_dir) and not overwrite:
         raise ExportError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     cfg = packed_model_config(model_cfg)
+    act_bits = int(cfg.get("act_bits", 16))
+    if act_bits == 8:  # the manifest's own compute setting agrees with what the model was trained for
+        cfg.packed_act_dtype = "int8"
     flat = trees.flat(state)
     ternary = sorted(k[:-len(".packed")] for k in flat if k.endswith(".packed"))
     nbytes = int(sum(v.nbytes for v in flat.values()))
     manifest = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "pack_format": terdit_kernels.PACK_FORMAT,
+        "act_bits": act_bits, "activations": ACTIVATIONS[act_bits],
         "model": cfg.to_dict(), "label_order": label_order, "num_classes": int(cfg.num_classes),
         "null_class": int(cfg.num_classes), "nbytes": nbytes,
         "nbytes_packed_codes": int(sum(flat[k + ".packed"].nbytes for k in ternary)),
@@ -157,11 +179,12 @@ def export_packed(config, workdir_or_params, out_dir: str, *, step: int = -1, ov
     """Training checkpoint (EMA weights) → deployable packed checkpoint in `out_dir`. Returns the manifest.
 
     workdir_or_params: a training workdir (its checkpoints/ are read with `checkpoint.load_ema`, step `step`,
-    -1 = newest) or the ternary params themselves (nnx.State or nested dict). `config` is the training
-    config (model.linear='ternary').
+    -1 = newest) or the QAT params themselves (nnx.State or nested dict). `config` is the training config
+    (model.linear 'ternary' or 'bitnet'; its model.act_bits goes into the manifest).
     """
-    if config.model.linear != "ternary":
-        raise ExportError(f"export packs a ternary QAT model; config.model.linear is {config.model.linear!r}")
+    if config.model.linear not in PACKABLE_KINDS:
+        raise ExportError(f"export packs a ternary-weight QAT model (model.linear in {PACKABLE_KINDS}); "
+                          f"config.model.linear is {config.model.linear!r}")
     source = {"kind": "terdit-jax-ema"}
     if isinstance(workdir_or_params, (str, os.PathLike)):
         _, params, step = load_ema(config, str(workdir_or_params), step)
@@ -189,6 +212,10 @@ def read_manifest(path: str) -> dict:
     if manifest.get("pack_format") != terdit_kernels.PACK_FORMAT:
         raise ExportError(f"{path}: packed with {manifest.get('pack_format')!r} but the kernels use "
                           f"{terdit_kernels.PACK_FORMAT!r}; re-export it")
+    model_bits = manifest.get("model", {}).get("act_bits", ADDED_MODEL_FIELDS["act_bits"])
+    if manifest.get("act_bits", model_bits) != model_bits:
+        raise ExportError(f"{path}: the manifest says act_bits={manifest['act_bits']} but its model config says "
+                          f"{model_bits}; re-export it")
     return manifest
 
 
@@ -201,19 +228,57 @@ def runtime_model_config(arch: dict, runtime=None) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**ADDED_MODEL_FIELDS, **arch, **mine})
 
 
+# act_bits → how the manifest describes the activations the model was trained with.
+ACTIVATIONS = {16: "compute dtype (W1.58A16)",
+               8: "per-token absmax int8, int32 accumulation (W1.58A8; terdit_kernels.reference.quantize_activations)"}
+TRAINED_ACT_DTYPES = {16: ("bf16", "f32"), 8: ("int8",)}  # packed_act_dtype values that run what was trained
+
+
+def packed_act_dtype_for(arch: dict, runtime=None) -> str:
+    """The packed activation dtype to sample an export with: arch is its manifest's model config, runtime the user's
+    model config (or a dict of its fields; None = the manifest's own settings).
+
+    An A16 export runs `packed_act_dtype` if it is 'bf16' or 'f32'. An A8 export runs 'int8', also when
+    `packed_act_dtype` is the default 'bf16' (which therefore cannot ask for float activations). Other activations
+    than trained (int8 on an A16 export, bf16/f32 on an A8 one) run only with `packed_act_force`; without it, int8
+    on A16 or f32 on A8 is an ExportError, as is an act_bits this code cannot run.
+    """
+    runtime = {} if runtime is None else (runtime.to_dict() if hasattr(runtime, "to_dict") else dict(runtime))
+    bits = arch.get("act_bits", ADDED_MODEL_FIELDS["act_bits"])
+    if bits not in ACT_BITS:
+        raise ExportError(f"the export was trained with act_bits={bits!r}; this sampler runs activations of "
+                          f"{' or '.join(map(str, ACT_BITS))} bits only")
+    asked = str(runtime.get("packed_act_dtype") or arch.get("packed_act_dtype") or "bf16")
+    if asked not in packed_lib.ACT_DTYPES:
+        raise ExportError(f"model.packed_act_dtype={asked!r} is not one of {packed_lib.ACT_DTYPES}")
+    if asked in TRAINED_ACT_DTYPES[bits] or runtime.get("packed_act_force"):
+        return asked
+    if bits == 8 and asked == "bf16":  # the default: nothing was asked, so the trained int8 path
+        return "int8"
+    raise ExportError(f"the export was trained with {ACTIVATIONS[bits]} but model.packed_act_dtype={asked!r} runs "
+                      f"arithmetic it never saw; use {' or '.join(TRAINED_ACT_DTYPES[bits])}, or set "
+                      "model.packed_act_force=True to sample it that way on purpose")
+
+
 def load_packed(path: str, runtime=None, *, fuse_adaln: bool = True):
     """Restore a packed export → (apply, params, model_cfg_dict, manifest).
 
     apply(params, x, t, y) has the `model_fn.ApplyDiT` contract (use `model_fn.bind(apply, params)` with the
     samplers). The architecture comes from the manifest; the compute settings (`model.dtype`,
     `model.packed_act_dtype`, `model.packed_backend`) from `runtime` (a model config or a dict of those fields;
-    default: the manifest's). fuse_adaln computes all blocks' adaLN in one matmul.
+    default: the manifest's), the activation dtype checked against the export's (`packed_act_dtype_for`; the
+    returned config holds the one used). fuse_adaln computes all blocks' adaLN in one matmul.
     """
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
     manifest = read_manifest(path)
+    try:
+        act_dtype = packed_act_dtype_for(manifest["model"], runtime)
+    except ExportError as e:
+        raise ExportError(f"{path}: {e}") from None
     cfg = runtime_model_config(manifest["model"], runtime)
+    cfg.packed_act_dtype = act_dtype
     graphdef, target = abstract_packed(cfg)
     try:
         ckptr = ocp.StandardCheckpointer()

@@ -25,13 +25,18 @@ POS_EMBEDS = ("none", "sincos")
 
 
 class TransformerBlock(nnx.Module):
-    """Pre-norm block with adaLN modulation; TerDiT adds an RMSNorm over the whole 6·D modulation vector."""
+    """Pre-norm block with adaLN modulation; TerDiT adds an RMSNorm over the whole 6·D modulation vector.
+
+    `model.pre_norms=False` drops the RMSNorms before attention and SwiGLU, as the TerDiT paper's BitNet baseline
+    does (§4.2: BitLinear normalises its own input instead; models/bitnet.py); the block then modulates x itself.
+    """
 
     def __init__(self, cfg, *, path: str, dtype, rngs: nnx.Rngs):
         self.attention = Attention(cfg, path=f"{path}.attention", dtype=dtype, rngs=rngs)
         self.feed_forward = FeedForward(cfg, path=f"{path}.feed_forward", dtype=dtype, rngs=rngs)
-        self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, axis_name="embed")
-        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, axis_name="embed")
+        pre_norms = cfg.get("pre_norms", True)
+        self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, axis_name="embed") if pre_norms else None
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, axis_name="embed") if pre_norms else None
         # adaLN-Zero: latent weight zero-initialised, so gates are exactly 0 at step 0 (also after the RMSNorm).
         self.adaLN_modulation = make_linear(f"{path}.adaLN_modulation", cfg.cond_dim, 6 * cfg.dim, model_cfg=cfg,
                                             rngs=rngs, use_bias=True, kernel_init=zeros_init,
@@ -47,8 +52,10 @@ class TransformerBlock(nnx.Module):
         """x (B, T, D), c (B, C) → (B, T, D). `mod` (B, 6D) replaces `modulation(c)` when given."""
         mod = self.modulation(c, ctx.t) if mod is None else mod
         sh_a, sc_a, g_a, sh_f, sc_f, g_f = jnp.split(mod, 6, axis=-1)
-        x = x + g_a[:, None] * self.attention(modulate(self.attention_norm(x), sh_a, sc_a), ctx.angles, ctx.t)
-        return x + g_f[:, None] * self.feed_forward(modulate(self.ffn_norm(x), sh_f, sc_f), ctx.t)
+        h = x if self.attention_norm is None else self.attention_norm(x)
+        x = x + g_a[:, None] * self.attention(modulate(h, sh_a, sc_a), ctx.angles, ctx.t)
+        h = x if self.ffn_norm is None else self.ffn_norm(x)
+        return x + g_f[:, None] * self.feed_forward(modulate(h, sh_f, sc_f), ctx.t)
 
 
 class DiT(DiffusionTransformer):
@@ -69,7 +76,7 @@ class DiT(DiffusionTransformer):
                                 for i in range(cfg.n_layers)])
         self.final_layer = FinalLayer(cfg, dtype=dtype, rngs=rngs)
 
-    def blocks(self) -> list[nnx.Module]:
+    def block_list(self) -> list[nnx.Module]:
         return list(self.layers)
 
     def condition(self, t: jax.Array, y: jax.Array, drop_key: jax.Array | None = None) -> jax.Array:

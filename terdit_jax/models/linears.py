@@ -4,7 +4,8 @@ The layer's role (its path without the block prefix, e.g. "attention.wq") and th
 `model.linear` for roles that start with one of `model.quantized_layers`, full precision otherwise (TerDiT keeps
 the embedders and the final layer in full precision). Kinds are entries of `LINEAR_KINDS`; each entry builds
 its layer from the shared arguments and the config fields it needs, so adding a kind is one entry here (a test
-or a plug-in may `LINEAR_KINDS.add` its own). Every linear also gets its input and weight quantization sites.
+or a plug-in may `LINEAR_KINDS.add` its own). Every linear also gets its input, weight and output quantization
+sites.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable
 
 from flax import nnx
 
+from terdit_jax.models.bitnet import BitLinear
 from terdit_jax.models.packed import PackedTernaryDense
 from terdit_jax.models.ternary import Dense, ShardGammaTernaryDense, TernaryDense
 from terdit_jax.quant.sites import make_site
@@ -26,21 +28,35 @@ def _fp(in_features, out_features, cfg, **kw):
 
 
 def _ternary(in_features, out_features, cfg, **kw):
+    act_bits = cfg.get("act_bits", 16)
     if cfg.get("ternary_gamma", "global") == "shard" and cfg.get("tensor_shards", 1) > 1:
-        return ShardGammaTernaryDense(in_features, out_features, alpha_init=cfg.alpha_init,
+        return ShardGammaTernaryDense(in_features, out_features, alpha_init=cfg.alpha_init, act_bits=act_bits,
                                       tensor_shards=cfg.tensor_shards, **kw)
-    return TernaryDense(in_features, out_features, alpha_init=cfg.alpha_init, **kw)
+    return TernaryDense(in_features, out_features, alpha_init=cfg.alpha_init, act_bits=act_bits, **kw)
+
+
+def _bitnet(in_features, out_features, cfg, **kw):
+    return BitLinear(in_features, out_features, norm=cfg.get("bitnet_norm", "rms"), eps=cfg.norm_eps,
+                     act_bits=cfg.get("act_bits", 16), **kw)
 
 
 def _packed(in_features, out_features, cfg, *, kernel_init, **kw):
-    # Values come from an export, so the initialiser is unused; the matmul settings come from the config.
+    # Values come from an export, so the initialiser is unused; the matmul settings come from the config. A BitNet
+    # export keeps BitLinear's (parameter-free) input norm.
+    norm = cfg.get("bitnet_norm", "rms") if cfg.get("packed_from", "ternary") == "bitnet" else None
     return PackedTernaryDense(in_features, out_features, act_dtype=cfg.get("packed_act_dtype", "bf16"),
-                              backend=cfg.get("packed_backend", "auto"), **kw)
+                              backend=cfg.get("packed_backend", "auto"), input_norm=norm, norm_eps=cfg.norm_eps,
+                              **kw)
 
 
 # name → builder(in_features, out_features, model_cfg, *, use_bias, kernel_init, axes, dtype, rngs,
-#                input_site, weight_site) → nnx.Module called as layer(x, t)
-LINEAR_KINDS: Registry[Callable] = Registry("linear kind", {"fp": _fp, "ternary": _ternary, "packed": _packed})
+#                input_site, weight_site, output_site) → nnx.Module called as layer(x, t)
+LINEAR_KINDS: Registry[Callable] = Registry("linear kind", {"fp": _fp, "ternary": _ternary, "bitnet": _bitnet,
+                                                            "packed": _packed})
+PACKABLE_KINDS = ("ternary", "bitnet")  # QAT kinds `export.py` packs (the values of model.packed_from)
+# Kinds for which model.act_bits=8 means something: the QAT kinds train with int8 inputs, a packed model records
+# it (`export.load_packed` then runs int8 activations); "fp" keeps its inputs in model.dtype.
+ACT_BITS_KINDS = ("ternary", "bitnet", "packed")
 
 
 def role_of(path: str) -> str:
@@ -62,4 +78,5 @@ def make_linear(path: str, in_features: int, out_features: int, *, model_cfg, rn
     return builder(in_features, out_features, model_cfg, use_bias=use_bias, kernel_init=kernel_init,
                    axes=tuple(axes), dtype=dtype, rngs=rngs,
                    input_site=make_site(f"{path}.input", model_cfg, (None, in_features)),
-                   weight_site=make_site(f"{path}.weight", model_cfg, (in_features, out_features)))
+                   weight_site=make_site(f"{path}.weight", model_cfg, (in_features, out_features)),
+                   output_site=make_site(f"{path}.output", model_cfg, (None, out_features)))

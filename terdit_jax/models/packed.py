@@ -13,6 +13,10 @@ matmul per step (`StackedAdaLN`): the L packed (Kp/4, 6D) matrices sit side by s
 matrix), and `DiT.__call__(..., modulations=(L, B, 6D))` consumes the result. `fuse_adaln` moves a
 model to that form and drops the per-block copies, so no adaLN weight is held twice (`model_fn.PackedApply`
 runs it).
+
+A BitNet export (`model.packed_from="bitnet"`) keeps BitLinear's parameter-free input norm in each packed layer
+(`input_norm`); its α is the γ = mean|W| the BitLinear scaled by. With act_dtype 'int8' a packed layer computes
+exactly what a QAT layer with `model.act_bits=8` trained with (`models.ternary.int8_linear`).
 """
 from __future__ import annotations
 
@@ -20,11 +24,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from terdit_jax.models.bitnet import input_norm as apply_input_norm
 from terdit_jax.quant.sites import quantize
-from terdit_kernels import padded_k, resolve_backend, ternary_matmul
+from terdit_kernels import padded_k, quantize_activations, resolve_backend, ternary_matmul
+from terdit_kernels.ops import BACKENDS
+from terdit_kernels.reference import ACT_DTYPES as _KERNEL_ACT_DTYPES, accumulate
 
-ACT_DTYPES = ("bf16", "f32", "int8")  # terdit_kernels.reference.ACT_DTYPES
-BACKENDS = ("auto", "pallas", "xla")  # terdit_kernels.ops.BACKENDS
+ACT_DTYPES = tuple(_KERNEL_ACT_DTYPES)  # "bf16", "f32" (W2A16), "int8" (W2A8)
 _ZERO_BYTE = 0x55  # four codes u = 1, i.e. W_t = 0 (code u = W_t + 1, terdit_kernels.packing)
 
 
@@ -37,20 +43,23 @@ class PackedTernaryDense(nnx.Module):
 
     Same constructor as `Dense`/`TernaryDense` (kernel_init is unused: values come from a checkpoint).
     Variables: `packed` (padded_k(in)/4, out) uint8 PackedCodes, `alpha` () float32, `bias` (out,) or None.
-    `act_dtype` ('bf16' W2A16, 'f32', 'int8' W2A8) and `backend` ('auto', 'pallas', 'xla') are static
+    `act_dtype` ('bf16' W2A16, 'f32', 'int8' W2A8) and `backend` (terdit_kernels.ops.BACKENDS) are static
     settings of the matmul; `configure_packed` sets them on a whole model from the config. `input_site`: a
     quantizer of the layer input (quant/sites.py); the weight is 2-bit already, so it has no weight site.
+    `input_norm` ('rms' | 'layer' | None, eps `norm_eps`): a BitNet export's in-layer norm, after the input site.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str | None, str | None],
                  dtype=jnp.float32, rngs: nnx.Rngs | None = None, act_dtype: str = "bf16", backend: str = "auto",
-                 input_site: nnx.Module | None = None, weight_site: nnx.Module | None = None):
+                 input_site: nnx.Module | None = None, weight_site: nnx.Module | None = None,
+                 output_site: nnx.Module | None = None, input_norm: str | None = None, norm_eps: float = 1e-5):
         _check_settings(act_dtype, backend)
         if weight_site is not None:
             raise ValueError("a packed ternary layer's weight is 2-bit already; no site rule may quantize it")
-        self.input_site = input_site
+        self.input_site, self.output_site = input_site, output_site
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.dtype, self.act_dtype, self.backend = dtype, act_dtype, backend
+        self.input_norm, self.norm_eps = input_norm, float(norm_eps)
         # Until a checkpoint fills them: W_t = 0 and α = 1 (a freshly built inference layer is the zero map).
         self.packed = PackedCodes(jnp.full((padded_k(in_features) // 4, out_features), _ZERO_BYTE, jnp.uint8),
                                   logical_axes=tuple(axes))
@@ -59,12 +68,19 @@ class PackedTernaryDense(nnx.Module):
 
     def __call__(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
         """x (..., in) → (..., out) in `dtype` (the bias is added in float32 inside the matmul epilogue)."""
-        x = quantize(self.input_site, x, t)
+        x = apply_input_norm(self.input_norm, quantize(self.input_site, x, t), self.norm_eps)
         codes = _after_input(self.packed[...], x, self.backend)
-        return ternary_matmul(x.astype(self.dtype), codes, self.alpha[...], k=self.in_features,
-                              bias=None if self.bias is None else self.bias[...], act_dtype=self.act_dtype,
-                              backend=self.backend)
+        y = ternary_matmul(x.astype(self.dtype), codes, self.alpha[...], k=self.in_features,
+                           bias=None if self.bias is None else self.bias[...], act_dtype=self.act_dtype,
+                           backend=self.backend)
+        return quantize(self.output_site, y, t)
 
+    def accumulator(self, x: jax.Array) -> jax.Array:
+        """The W2A8 int32 accumulators (M, N) for the layer input x (..., K) (after the input site), as the XLA
+        fallback forms them (`terdit_kernels.reference.accumulate`; every kernel reproduces them bit for bit)."""
+        h = apply_input_norm(self.input_norm, x, self.norm_eps)
+        q, _ = quantize_activations(h.reshape(-1, self.in_features).astype(self.dtype))
+        return accumulate(q, self.packed[...], k=self.in_features)
 
 
 def _after_input(codes: jax.Array, x: jax.Array, backend: str) -> jax.Array:
@@ -113,15 +129,17 @@ class StackedAdaLN(nnx.Module):
     = SiLU, TernaryLinear(C→6D, bias), RMSNorm(6D); terdit_official.md §1.5).
 
     Variables: `packed` (padded_k(C)/4, L·6D) uint8 (block l owns columns [l·6D, (l+1)·6D)), `alpha` (L,),
-    `bias` (L, 6D) or None, `norm` (L, 6D) or None (the adaln_norm=False ablation).
+    `bias` (L, 6D) or None, `norm` (L, 6D) or None (the adaln_norm=False ablation). `input_norm` / `input_eps`:
+    a BitNet export's parameter-free in-layer norm of silu(c), the same for every block.
     """
 
     def __init__(self, packed, alpha, bias, norm, *, in_features: int, eps: float, dtype, act_dtype: str = "bf16",
-                 backend: str = "auto"):
+                 backend: str = "auto", input_norm: str | None = None, input_eps: float = 1e-5):
         _check_settings(act_dtype, backend)
         self.n_layers, self.width = alpha.shape[0], packed.shape[1] // alpha.shape[0]
         self.in_features, self.eps, self.dtype = int(in_features), float(eps), dtype
         self.act_dtype, self.backend = act_dtype, backend
+        self.input_norm, self.input_eps = input_norm, float(input_eps)
         self.packed = PackedCodes(packed, logical_axes=("cond", None))
         self.alpha = nnx.Param(alpha.astype(jnp.float32), logical_axes=(None,))
         self.bias = None if bias is None else nnx.Param(bias, logical_axes=(None, "adaln"))
@@ -131,11 +149,20 @@ class StackedAdaLN(nnx.Module):
         """c (B, C) float32 → modulations (L, B, 6D) in `dtype`, equal to each block's `modulation(c)`."""
         # Same arithmetic as L separate PackedTernaryDense calls: the activations are rounded to the compute
         # dtype first, the accumulation is float32, then acc·α_l + b_l in float32 and one rounding to `dtype`.
-        x = jax.nn.silu(c).astype(self.dtype).astype(jnp.float32)
-        acc = ternary_matmul(x, _after_input(self.packed[...], x, self.backend), jnp.ones((), jnp.float32),
-                             k=self.in_features,
-                             act_dtype=self.act_dtype, backend=self.backend)  # (B, L·6D) float32
-        mod = acc.reshape(x.shape[0], self.n_layers, self.width) * self.alpha[...][None, :, None]
+        x = apply_input_norm(self.input_norm, jax.nn.silu(c), self.input_eps).astype(self.dtype).astype(jnp.float32)
+        if self.act_dtype == "int8":
+            # The kernels take one scalar α per call, but W2A8 rounds acc·(s·α_l) with each block's own α_l; so the
+            # exact int32 accumulators come from the XLA path (M = batch rows here: a kernel would gain nothing) and
+            # each block gets the row scale s·α_l that its own layer forms.
+            q, s = quantize_activations(x)
+            acc = accumulate(q, _after_input(self.packed[...], x, "xla"), k=self.in_features)  # (B, L·6D) int32
+            scale = s[:, None, :] * self.alpha[...][None, :, None]  # (B, L, 1)
+            mod = acc.reshape(x.shape[0], self.n_layers, self.width).astype(jnp.float32) * scale
+        else:
+            acc = ternary_matmul(x, _after_input(self.packed[...], x, self.backend), jnp.ones((), jnp.float32),
+                                 k=self.in_features,
+                                 act_dtype=self.act_dtype, backend=self.backend)  # (B, L·6D) float32
+            mod = acc.reshape(x.shape[0], self.n_layers, self.width) * self.alpha[...][None, :, None]
         if self.bias is not None:
             mod = mod + self.bias[...][None].astype(jnp.float32)
         mod = mod.astype(self.dtype)
@@ -152,13 +179,13 @@ def fuse_adaln(model: nnx.Module) -> nnx.Module:
     Afterwards the blocks hold no adaLN weights, so the model must be called with `modulations=` (as
     `model_fn.PackedApply` does); the stacked weights are the only copy.
     """
-    blocks = list(model.blocks())
+    blocks = list(model.block_list())
     lins = [b.adaLN_modulation for b in blocks]
     if not lins or not all(isinstance(m, PackedTernaryDense) for m in lins):
         raise ValueError("fuse_adaln needs a DiT whose block adaLN linears are packed (model.linear='packed' "
                          "with 'adaLN_modulation' in model.quantized_layers)")
-    if any(m.input_site is not None for m in lins):
-        raise ValueError("fuse_adaln would skip the input quantizers of the adaLN layers; sample unfused")
+    if any(m.input_site is not None or m.output_site is not None for m in lins):
+        raise ValueError("fuse_adaln would skip the quantization sites of the adaLN layers; sample unfused")
     norms = [getattr(b, "adaLN_norm", None) for b in blocks]  # TerDiT's RMSNorm; the original DiT has none
     has_bias, has_norm = lins[0].bias is not None, norms[0] is not None
     first = lins[0]
@@ -168,7 +195,7 @@ def fuse_adaln(model: nnx.Module) -> nnx.Module:
         jnp.stack([m.bias[...] for m in lins]) if has_bias else None,
         jnp.stack([n.weight[...] for n in norms]) if has_norm else None,
         in_features=first.in_features, eps=norms[0].eps if has_norm else 0.0, dtype=first.dtype,
-        act_dtype=first.act_dtype, backend=first.backend)
+        act_dtype=first.act_dtype, backend=first.backend, input_norm=first.input_norm, input_eps=first.norm_eps)
     for b in blocks:
         b.adaLN_modulation = None
         b.adaLN_norm = None
