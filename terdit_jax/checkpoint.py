@@ -31,12 +31,14 @@ class CheckpointError(RuntimeError):
 
 
 # Model fields added later, with the value every older checkpoint and export has.
-ADDED_MODEL_FIELDS = {"prediction": "eps", "family": DEFAULT_FAMILY, "sites": ()}
+ADDED_MODEL_FIELDS = {"prediction": "eps", "family": DEFAULT_FAMILY, "sites": (), "act_bits": 16, "bitnet_norm": "rms",
+                      "pre_norms": True, "packed_from": "ternary"}
 # Compute settings do not change the parameter tree; every other model field does (or changes its meaning).
-RUNTIME_MODEL_FIELDS = ("dtype", "alpha_init", "ternary_gamma", "tensor_shards", "packed_act_dtype", "packed_backend")
+RUNTIME_MODEL_FIELDS = ("dtype", "alpha_init", "ternary_gamma", "tensor_shards", "packed_act_dtype", "packed_backend",
+                        "packed_act_force")
 
 
-def _model_signature(model_cfg) -> dict:
+def model_signature(model_cfg) -> dict:
     """The architecture fields of a model config (JSON-normalised, so tuples compare equal to lists)."""
     d = {**ADDED_MODEL_FIELDS, **(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg))}
     skip = set(RUNTIME_MODEL_FIELDS) | set(family_of(d).unused_fields)
@@ -95,7 +97,7 @@ class Checkpoints:
             raise CheckpointError(f"refusing to save step {step}: the parameters contain NaN/inf "
                                   f"(the previous checkpoints in {self.directory} are kept)")
         data = _gather_strings(data_state or "")
-        meta = {"model": _model_signature(model_cfg), "step": int(step), "process_count": jax.process_count(),
+        meta = {"model": model_signature(model_cfg), "step": int(step), "process_count": jax.process_count(),
                 "data_state": data, **(extra or {})}
         return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                meta=ocp.args.JsonSave(meta)))
@@ -123,8 +125,8 @@ class Checkpoints:
 
     def check_architecture(self, step: int, model_cfg, ignore: tuple[str, ...] = ()):
         """Refuse a checkpoint whose model config differs from `model_cfg` (fields in `ignore` may differ)."""
-        saved = _model_signature(self.meta(step).get("model", {}))
-        want = _model_signature(model_cfg)
+        saved = model_signature(self.meta(step).get("model", {}))
+        want = model_signature(model_cfg)
         diff = {k: (saved.get(k), want.get(k)) for k in set(saved) | set(want)
                 if saved.get(k) != want.get(k) and k not in ignore}
         if diff:
@@ -137,7 +139,7 @@ class Checkpoints:
         writes, so that `--mode sample|eval` and `train.init_from` read it like a trained run's checkpoint."""
         if not bool(_all_finite(ema)):
             raise CheckpointError(f"refusing to save step {step}: the weights contain NaN/inf")
-        meta = {"model": _model_signature(model_cfg), "step": int(step), "process_count": jax.process_count(),
+        meta = {"model": model_signature(model_cfg), "step": int(step), "process_count": jax.process_count(),
                 "data_state": [], "weights_only": True, "source": source}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"ema": ema}),
                                                         meta=ocp.args.JsonSave(meta)))

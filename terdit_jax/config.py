@@ -12,9 +12,15 @@ from terdit_jax.diffusion.gaussian import PREDICTIONS
 from terdit_jax.diffusion.samplers import SAMPLERS
 from terdit_jax.diffusion.schedule import space_timesteps
 from terdit_jax.models.families import FAMILIES
-from terdit_jax.models.linears import LINEAR_KINDS
-from terdit_jax.models.ternary import ALPHA_INITS, GAMMA_MODES
+from terdit_jax.models.bitnet import BITNET_NORMS
+from terdit_jax.models.linears import ACT_BITS_KINDS, LINEAR_KINDS, PACKABLE_KINDS
+from terdit_jax.models.ternary import ACT_BITS, ALPHA_INITS, GAMMA_MODES
 from terdit_jax.parallel import REMAT_POLICIES
+from terdit_jax.quant.calibration import CLASS_MODES
+from terdit_jax.quant.methods import METHODS
+from terdit_jax.quant.ptq4dit import SSC_MODES
+from terdit_jax.quant.tqdit import HO_MODES, TGQ_SCOPES
+from terdit_jax.quant.quantizers import INITS
 from terdit_kernels.ops import BACKENDS
 from terdit_kernels.reference import ACT_DTYPES
 
@@ -56,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"  # compute dtype; parameters and the quantizer stay float32
     m.packed_act_dtype = "bf16"  # linear="packed": activations of the 2-bit matmul, bf16 (W2A16), f32 or int8 (W2A8)
     m.packed_backend = "auto"  # linear="packed": "auto" (Pallas on GPU, XLA elsewhere), "pallas" or "xla"
+    m.act_bits = 16  # ternary / bitnet kinds: 8 quantizes each linear's input to per-token int8 (W1.58A8), 16 = not
+    m.bitnet_norm = "rms"  # linear="bitnet": the norm inside BitLinear, "rms" (b1.58 code) or "layer" (BitNet v1)
+    m.pre_norms = True  # RMSNorm before attention and SwiGLU; False = the TerDiT paper's BitNet baseline (§4.2)
+    m.packed_from = "ternary"  # linear="packed": the QAT kind exported ("bitnet": layers keep BitLinear's input norm)
+    m.packed_act_force = False  # sample an export with model.packed_act_dtype even where it was trained otherwise
     # Quantization sites (quant/sites.py): ordered rules {"path": regex, "kind": quantizer kind, **settings}; the
     # first match wins. Empty: no site is quantized. A quantization method writes these; users rarely do.
     m.sites = ()
@@ -120,6 +131,39 @@ def base_config() -> ml_collections.ConfigDict:
     s.seed = 0
     s.step = -1  # checkpoint step to sample from; -1 = newest
     s.packed_path = ""  # sample from a packed export (--mode export, or an imported official checkpoint) instead
+    s.quantized = ""  # sample a quantized model: <workdir>/quantized/<name> written by --mode quantize
+
+    # Post-training quantization (--mode quantize): a full-precision model → <workdir>/quantized/<method>_w<W>a<A>.
+    c.quant = q = ml_collections.ConfigDict()
+    q.method = ""  # quant.methods.METHODS: "rtn", "ptq4dit", "tqdit"
+    q.w_bits = 8  # weight bits, 2..16
+    q.a_bits = 8  # activation bits, 2..16 (16 = activations left in full precision)
+    q.name = ""  # folder under <workdir>/quantized/; "" = <method>_w<W>a<A>
+    # Calibration set: the full-precision model's own trajectories (PTQ4DiT §2.3), with the sampler and step
+    # count of config.sample. 25 steps × 32 latents × {class, null class} at 256 px.
+    q.calib_steps = 25
+    q.calib_latents = 32
+    q.calib_cfg_scale = 1.5
+    q.calib_classes = "uniform"  # or "official": classes 0..15, statistics from class 0 only (PTQ4DiT's code)
+    q.calib_seed = 1
+    q.calib_path = ""  # a calibration set file to use; "" = <workdir>/quantized/calibration_<id>.npz (made once)
+    # PTQ4DiT
+    q.init = "mse"  # quantizer initialisation: "mse" (percentile-MSE search, p ∈ {0.999, 0.9999, 0.99999}) or "minmax"
+    q.csb = True  # channel-wise salience balancing (+ SSC) on qkv, proj, fc1 (wq/wk/wv, wo, w1/w3 for Large-DiT)
+    q.ssc = "timestep"  # Spearman weights per time step (the paper) or per "sample" (the official code)
+    q.reparam = False  # fold CSB's activation scales into the adaLN rows and W_v offline (exactly equivalent)
+    q.recon = True  # block reconstruction (AdaRound weights, learned activation steps)
+    q.recon_iters = 20000  # per unit (the paper's 20k); the study uses fewer and says so
+    q.recon_batch_size = 32
+    # TQ-DiT
+    q.time_groups = 10  # TGQ: groups of consecutive sampling steps with their own activation parameters
+    q.tgq = True
+    q.tgq_scope = "softmax"  # TGQ on the post-softmax quantizers (the code) or on "all" activations (Eq. 12)
+    q.mrq = True  # two-region quantizers for post-softmax and post-GELU activations
+    q.swiglu_mrq = False  # SwiGLU models: a two-region quantizer (both steps searched) for the signed FFN hidden
+    q.ho = "fisher"  # HO weights: "fisher" (squared gradients of the denoising loss) or "mse" (unit weights)
+    q.search_rounds = 3
+    q.alpha_grid = 101  # Δ = α·Δ0 candidates, α uniform in [0.01, 1.2]
 
     c.eval = e = ml_collections.ConfigDict()
     e.num_samples = 50_000  # FID-50K; samples use config.sample settings with uniformly random labels
@@ -163,6 +207,15 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of("model.packed_act_dtype", m.packed_act_dtype, tuple(ACT_DTYPES))
     _one_of("model.packed_backend", m.packed_backend, BACKENDS)
     _one_of("model.prediction", m.prediction, PREDICTIONS)
+    _one_of("model.act_bits", m.act_bits, ACT_BITS)
+    _one_of("model.bitnet_norm", m.bitnet_norm, BITNET_NORMS)
+    _one_of("model.packed_from", m.packed_from, PACKABLE_KINDS)
+    if m.act_bits != 16 and m.linear not in ACT_BITS_KINDS:
+        _fail("model.act_bits", f"{m.act_bits} needs model.linear in {ACT_BITS_KINDS}, not {m.linear!r}")
+    if m.linear == "bitnet" and m.ternary_gamma != "global":
+        _fail("model.ternary_gamma", f"{m.ternary_gamma!r}: BitLinear's γ is the whole matrix's; use 'global'")
+    if not m.pre_norms and "pre_norms" in family.unused_fields:
+        _fail("model.pre_norms", f"False: the {m.family!r} family has no pre-attention/pre-FFN RMSNorms to drop")
     _one_of("parallel.remat", c.parallel.remat, ("none", *REMAT_POLICIES))
     _one_of("sample.sampler", s.sampler, SAMPLERS.names())
     input_size = d.image_size // 8 if d.latent else d.image_size
@@ -182,12 +235,31 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("sample.num_steps", f"{s.num_steps} must lie in 1..{c.diffusion.num_timesteps}")
     if s.batch_size < 1:
         _fail("sample.batch_size", f"{s.batch_size} must be positive")
+    _check_quant(c.quant)
     with c.unlocked():
         m.sites = tuple(dict(r) for r in (m.sites or ()))
         m.cond_dim = family.cond_dim(m.dim)
         m.out_channels = m.in_channels * (2 if m.learn_sigma else 1)
         m.input_size = input_size
     return c
+
+
+def _check_quant(q):
+    if q.method:
+        _one_of("quant.method", q.method, METHODS.names())
+    for field in ("w_bits", "a_bits"):
+        if not 2 <= q[field] <= 16:
+            _fail(f"quant.{field}", f"{q[field]} is outside 2..16 (16 leaves that side in full precision)")
+    _one_of("quant.init", q.init, INITS)
+    _one_of("quant.ssc", q.ssc, SSC_MODES)
+    _one_of("quant.calib_classes", q.calib_classes, CLASS_MODES)
+    _one_of("quant.ho", q.ho, HO_MODES)
+    _one_of("quant.tgq_scope", q.tgq_scope, TGQ_SCOPES)
+    for field in ("calib_steps", "calib_latents", "recon_batch_size", "time_groups", "search_rounds", "alpha_grid"):
+        if q[field] < 1:
+            _fail(f"quant.{field}", f"{q[field]} must be positive")
+    if q.calib_latents % 2:
+        _fail("quant.calib_latents", f"{q.calib_latents} must be even (two latents per class and group)")
 
 
 def sample_labels(config) -> list[int]:

@@ -30,7 +30,7 @@ def _define_flags():
                         "Default: runs/<config name>.")
     flags.DEFINE_enum("mode", "train", MODES.names(), "What to do: " + ", ".join(MODES.names()))
     flags.DEFINE_string("out", None, "export/export_orbax: output directory (default <workdir>/packed or <workdir>/export_orbax)")
-    flags.DEFINE_bool("overwrite", False, "export: replace an existing export")
+    flags.DEFINE_bool("overwrite", False, "export / quantize: replace an existing export or quantized model")
 
 
 def _bad_flags(e: BaseException):
@@ -106,6 +106,11 @@ def _export_orbax(config, workdir: str, out_dir: str | None, overwrite: bool):
     _say(f"EMA inference checkpoint: {out}")
 
 
+def _quantize(config, workdir: str, out_dir: str | None, overwrite: bool):
+    from terdit_jax.quant.run import run_quantize_mode
+    run_quantize_mode(config, workdir, overwrite=overwrite, log=_say)
+
+
 def _extract_latents(config, workdir: str, out_dir: str | None, overwrite: bool):
     from terdit_jax.data.latents import run_extract_mode
     manifest = run_extract_mode(config, log=_say)
@@ -116,7 +121,7 @@ def _extract_latents(config, workdir: str, out_dir: str | None, overwrite: bool)
 # --mode name → handler(config, workdir, --out, --overwrite); each does its work in the module it imports.
 MODES: Registry[Callable] = Registry("mode", {
     "train": _train, "sample": _sample, "eval": _eval, "export": _export, "export_orbax": _export_orbax,
-    "extract_latents": _extract_latents,
+    "quantize": _quantize, "extract_latents": _extract_latents,
 })
 
 
@@ -136,6 +141,8 @@ def main(argv):
     from terdit_jax.checkpoint import CheckpointError
     from terdit_jax.config import ConfigError
     from terdit_jax.export import ExportError
+    from terdit_jax.quant.calibration import CalibrationError
+    from terdit_jax.quant.run import QuantizeError
     from terdit_jax.quant.sites import SiteError
     from terdit_jax.train import TrainingDiverged
 
@@ -146,8 +153,8 @@ def main(argv):
         from terdit_jax.parallel import initialize_distributed
         initialize_distributed(config)
         run(config, workdir, FLAGS.mode)
-    except (ConfigError, CheckpointError, TrainingDiverged, ExportError, SiteError, FileNotFoundError,
-            PermissionError) as e:
+    except (ConfigError, CheckpointError, TrainingDiverged, ExportError, SiteError, QuantizeError, CalibrationError,
+            FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -19,6 +19,7 @@ from terdit_jax.eval.adm_npz import write_adm_batch
 from terdit_jax.export import load_packed
 from terdit_jax.labels import to_model_labels
 from terdit_jax.model_fn import bind
+from terdit_jax.quant import checkpoint as qckpt
 from terdit_jax.registry import Registry
 
 
@@ -107,7 +108,9 @@ def _load_checkpoint(config, workdir: str):
 
 def _load_packed(config, workdir: str):
     """A packed export at `sample.packed_path`: the architecture from its manifest, the compute settings
-    (dtype, packed activation precision, backend) from the config."""
+    (dtype, packed activation precision, backend) from the config. The activation precision must be what the
+    export was trained with (an A8 export samples on the int8 path unasked); `model.packed_act_force` overrides
+    that on purpose (`export.packed_act_dtype_for`). The returned config holds the precision used."""
     apply, params, model_cfg, manifest = load_packed(config.sample.packed_path, config.model)
     packed = ml_collections.ConfigDict(config.to_dict())
     packed.model = ml_collections.ConfigDict({**model_cfg, "name": "custom"})
@@ -115,8 +118,28 @@ def _load_packed(config, workdir: str):
     return finalize(packed), apply, params, step, lambda labels: to_model_labels(labels, manifest)
 
 
+def _load_quantized(config, workdir: str):
+    """A quantized model <workdir>/quantized/<sample.quantized> (--mode quantize): its architecture and site rules
+    from its manifest, which must match the config's architecture (and method, when the config names one)."""
+    path = qckpt.model_dir(workdir, config.sample.quantized)
+    qckpt.check_matches(qckpt.read_manifest(path), config, path)
+    qckpt.check_sampler(qckpt.read_manifest(path), config, path)
+    apply, params, model_cfg, manifest = qckpt.load_quantized(path, config.model)
+    quantized = ml_collections.ConfigDict(config.to_dict())
+    quantized.model = ml_collections.ConfigDict(model_cfg)
+    return finalize(quantized), apply, params, int(manifest["source"]["step"]), lambda labels: np.asarray(labels,
+                                                                                                          np.int32)
+
+
+def artifact_tag(config) -> str:
+    """A name for what is sampled, for output file names: '' (training checkpoint), 'packed', or the quantized
+    model's name."""
+    return config.sample.quantized or ("packed" if config.sample.packed_path else "")
+
+
 # Tried in order; the first the config asks for is loaded (a training checkpoint when nothing else is asked for).
 ARTIFACTS: Registry[Artifact] = Registry("model artifact", {
+    "quantized": Artifact(lambda c: bool(c.sample.quantized), _load_quantized),
     "packed": Artifact(lambda c: bool(c.sample.packed_path), _load_packed),
     "checkpoint": Artifact(lambda c: True, _load_checkpoint),
 })
@@ -141,7 +164,8 @@ def run_sample_mode(config, workdir: str, *, log=print) -> dict:
     images = generate(apply, params, model_labels(labels), config, jax.random.key(config.sample.seed),
                       decode=latent_decoder(config), progress=True)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    base = os.path.join(workdir, "samples", f"sample_{step:07d}")
+    tag = artifact_tag(config)
+    base = os.path.join(workdir, "samples", f"sample_{tag + '_' if tag else ''}{step:07d}")
     save_grid(base + ".png", images, labels)
     write_adm_batch(base + ".npz", images, np.asarray(labels, np.int64))
     return {"grid": base + ".png", "npz": base + ".npz"}

@@ -15,8 +15,8 @@ from flax import nnx
 from conftest import tiny_model_config
 from terdit_jax.model_fn import init_model
 from terdit_jax.models.families import build, site_paths
-from terdit_jax.quant.quantizers import QUANTIZERS, QuantState, observe
-from terdit_jax.quant.sites import SiteError
+from terdit_jax.quant.quantizers import QUANTIZERS, QuantState
+from terdit_jax.quant.sites import SiteError, observe, sites_of
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "identity_golden")
 VARIANTS = {"ternary": dict(), "fp": dict(linear="fp"), "qk_sincos": dict(qk_norm=True, pos_embed="sincos")}
@@ -26,7 +26,6 @@ class Toy(nnx.Module):
     """Rounds its tensor to multiples of a per-site step held in QuantState (a stand-in for a real method)."""
 
     def __init__(self, *, path, shape, step=0.25):
-        self.path = path
         self.step = QuantState(jnp.asarray(step, jnp.float32))
 
     def __call__(self, x, t):
@@ -97,7 +96,7 @@ def test_a_registered_kind_quantizes_exactly_the_sites_its_rules_name():
              {"path": r"layers\.1\.attention\.probs", "kind": "toy", "step": 0.125})
     plain = _model(tiny_model_config(linear="fp"))
     quant = _model(tiny_model_config(linear="fp", sites=rules))
-    toys = {m.path: m for _, m in nnx.iter_modules(quant) if isinstance(m, Toy)}
+    toys = {p: m for p, m in sites_of(quant).items() if isinstance(m, Toy)}
     assert sorted(toys) == ["layers.0.feed_forward.w2.input", "layers.1.attention.probs", "layers.1.attention.q",
                             "layers.1.feed_forward.w2.input"]
     assert float(toys["layers.1.attention.q"].step[...]) == 0.5

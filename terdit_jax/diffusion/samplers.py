@@ -114,14 +114,16 @@ def _step(model_fn: Partial, diffusion: GaussianDiffusion, x, k, key, y, eta, *,
 def sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape: tuple[int, ...], key: jax.Array, y: jax.Array, *,
            sampler: str = "ddpm", cfg_scale: float = 1.0, null_class: int | None = None,
            guidance_channels: int | None = 3, eta: float = 0.0, clip_denoised: bool = False,
-           x_T: jax.Array | None = None, progress: bool = False, dtype=jnp.float32) -> jax.Array:
+           x_T: jax.Array | None = None, progress: bool = False, dtype=jnp.float32,
+           on_step: Callable[[int, jax.Array], None] | None = None) -> jax.Array:
     """Draw samples by running the reverse process over all steps of `diffusion` (use a respaced one, e.g. "250").
 
     shape: (N,H,W,C); y: (N,) int labels; key: a jax.random key (initial noise, then one split per step).
     sampler: "ddpm" (ancestral, the TerDiT/DiT default) or "ddim" (with `eta`, 0 = deterministic).
     cfg_scale != 1 wraps the model with `cfg_model_fn(model_fn, cfg_scale, null_class, guidance_channels)`; at 1 the
     conditional model is used alone (the guided channels would equal it anyway). x_T: optional starting noise of
-    `shape`. Returns x_0 as (N,H,W,C) in `dtype`.
+    `shape`. on_step(k, x) is called before step k (K−1 first) with the state the model sees at that step (what
+    calibration records). Returns x_0 as (N,H,W,C) in `dtype`.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS.names()}")
@@ -148,6 +150,8 @@ def sample(model_fn: ModelFn, diffusion: GaussianDiffusion, shape: tuple[int, ..
         steps = tqdm(steps, desc=f"{sampler} sampling", total=diffusion.num_timesteps)
     eta = jnp.asarray(eta, jnp.float32)
     for k in steps:
+        if on_step is not None:
+            on_step(int(k), x)
         x, key = _step(fn, diffusion, x, np.int32(k), key, y, eta, sampler=sampler, clip_denoised=clip_denoised)
         if progress:
             x.block_until_ready()  # so the bar tracks finished steps, not dispatched ones

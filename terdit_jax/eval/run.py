@@ -38,12 +38,14 @@ def reference_for(config, workdir: str, *, log=print) -> str:
 def run_eval_mode(config, workdir: str, *, log=print) -> dict:
     """Sample config.eval.num_samples images with uniformly random labels and score them. Returns the report."""
     from terdit_jax.eval.evaluate import evaluate, generate_samples
-    from terdit_jax.sample import generate, latent_decoder, load_for_sampling
+    from terdit_jax.sample import artifact_tag, generate, latent_decoder, load_for_sampling
 
     reference = reference_for(config, workdir, log=log)
+    tag = artifact_tag(config)
     config, apply, params, step, model_labels = load_for_sampling(config, workdir)
     s, n = config.sample, config.eval.num_samples
-    out_dir = os.path.join(workdir, "eval", f"step_{step:07d}_{s.sampler}{s.num_steps}_cfg{s.cfg_scale:g}")
+    out_dir = os.path.join(workdir, "eval", f"{tag + '_' if tag else ''}step_{step:07d}_{s.sampler}{s.num_steps}_"
+                                            f"cfg{s.cfg_scale:g}")
     decode, key = latent_decoder(config), jax.random.key(s.seed)
 
     def sample_fn(start: int, count: int):  # deterministic in `start`, so an interrupted run resumes exactly

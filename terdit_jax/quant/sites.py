@@ -6,7 +6,9 @@ linear. The path is the module path in the parameter tree plus the tensor's role
 
     layers.3.attention.wq.input    (..., in)       input of a linear (every linear has one)
     layers.3.attention.wq.weight   (in, out)       weight of a linear, as the matmul uses it
+    layers.3.attention.wq.output   (..., out)      output of a linear (HO's gradient probes read it)
     layers.3.attention.q / .k / .v (B, T, H, hd)   attention operands (q, k after RoPE where there is RoPE)
+    layers.3.attention.scores      (B, H, T, T)    q·kᵀ/sqrt(hd) before the softmax (then attention runs unfused)
     layers.3.attention.probs       (B, H, T, T)    softmax probabilities (then attention runs unfused)
     layers.3.feed_forward.hidden   (B, T, F)       FFN hidden: the gated SwiGLU product, or post-GELU for DiT;
                                                    the same tensor as the input of w2/fc2 (quantize one of them)
@@ -22,17 +24,37 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
+from typing import Callable
 
 import jax
+from flax import nnx
 
 from terdit_jax.quant.quantizers import QUANTIZERS
 
 _REQUESTED: contextvars.ContextVar[list | None] = contextvars.ContextVar("requested_sites", default=None)
 RULE_KEYS = ("path", "kind")
+SITE_SUFFIX = "_site"
 
 
 class SiteError(ValueError):
     """A site rule that cannot work; the message names the rule and what to do."""
+
+
+def site_path(tree_path) -> str:
+    """The site path of a site module at `tree_path` in the model: a module stores the site of role r under the
+    attribute f"{r}_site", so ('layers', 3, 'attention', 'wq', 'input_site') → 'layers.3.attention.wq.input'.
+    Quantizers do not store their path, so the blocks of a model share one graph structure (one compile)."""
+    *owner, attr = (str(p) for p in tree_path)
+    if not attr.endswith(SITE_SUFFIX):
+        raise ValueError(f"{'.'.join(map(str, tree_path))} is not a site attribute (*{SITE_SUFFIX})")
+    return ".".join([*owner, attr[:-len(SITE_SUFFIX)]])
+
+
+def sites_of(module, prefix: str = "") -> dict:
+    """{site path: site module} of every quantization site inside `module` (its tree paths prefixed by `prefix`,
+    e.g. 'layers.3.' for a block taken out of its model)."""
+    return {prefix + site_path(p): m for p, m in nnx.iter_modules(module)
+            if p and str(p[-1]).endswith(SITE_SUFFIX)}
 
 
 def quantize(site, x: jax.Array, t: jax.Array | None) -> jax.Array:
@@ -94,3 +116,17 @@ def check_rules(cfg, paths: list[str]) -> None:
             examples = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
             raise SiteError(f"site rule {rule['path']!r} matches no site of this model (its sites look like "
                             f"{examples}; `terdit_jax.models.families.site_paths(cfg)` lists them all)")
+
+
+def observe(module: nnx.Module, *args, fn: Callable | None = None, prefix: str = "") -> tuple[object, dict]:
+    """Run fn(module, *args) (default: module(*args)) → (output, {site path: [reduced tensor of each call]}) from
+    the module's Observers (site paths prefixed by `prefix` for a block taken out of its model). Works inside jit
+    (the module is an argument there); leaves no intermediates behind."""
+
+    fn = fn or (lambda m, *a: m(*a))
+    if hasattr(nnx, "capture"):  # flax ≥ 0.12.8: sow outside capture is deprecated
+        out, inter = nnx.capture(fn, nnx.Intermediate)(module, *args)
+    else:
+        out = fn(module, *args)
+        inter = nnx.pop(module, nnx.Intermediate)
+    return out, {prefix + site_path(path[:-1]): list(v.get_value()) for path, v in nnx.to_flat_state(inter)}

@@ -1,0 +1,184 @@
+"""What every post-training method shares: the roles of each family's layers, the site rules of a bit setting,
+building a model variant (other rules, same weights) on the host, moving state between variants, and
+initialising quantizers (weights from themselves, activations unit by unit from what observers record).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from terdit_jax import trees
+from terdit_jax.models.families import build
+from terdit_jax.quant.quantizers import UniformQuantizer
+from terdit_jax.quant.sites import sites_of
+from terdit_jax.quant.units import Carry, advance, blocks_attr, observe_unit, unit_list
+
+
+class QuantizeError(ValueError):
+    """A quantization request that cannot work; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Roles:
+    """Role names (paths inside a block) of one family's layers.
+    attn_in: the linears reading the attention input (fused qkv, or wq/wk/wv); attn_out: the output projection;
+    mlp_in: the linears reading the FFN input; mlp_out: the FFN's last linear (its input is the FFN hidden);
+    attention / ffn: the attention and FFN modules; adaln: the block's adaLN linear."""
+    attn_in: tuple[str, ...]
+    attn_out: tuple[str, ...]
+    mlp_in: tuple[str, ...]
+    mlp_out: tuple[str, ...]
+    attention: str
+    ffn: str
+    adaln: str = "adaLN_modulation"
+
+
+ROLES = {
+    "large_dit": Roles(("attention.wq", "attention.wk", "attention.wv"), ("attention.wo",),
+                       ("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",), "attention", "feed_forward"),
+    "dit": Roles(("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",), "attn", "mlp"),
+}
+BLOCK = r"(?:layers|blocks)\.\d+\."  # the block prefix of a site path
+
+
+def roles(model_cfg) -> Roles:
+    family = model_cfg.get("family", "large_dit")
+    if family not in ROLES:
+        raise ValueError(f"post-training quantization knows the layers of {sorted(ROLES)}, not family {family!r}")
+    return ROLES[family]
+
+
+def with_sites(model_cfg, rules) -> ml_collections.ConfigDict:
+    """A copy of the model config with these site rules."""
+    return ml_collections.ConfigDict({**model_cfg.to_dict(), "sites": tuple(rules)})
+
+
+def host_model(model_cfg, values: dict | None = None) -> nnx.Module:
+    """The model on the host CPU (whatever accelerator there is), with every variable named in `values`
+    ({'layers.0.attention.wq.kernel': array}) set from it; the rest keep their initial values (quantizer
+    defaults). Units are moved to the device one at a time (quant/units.py)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        model = build(model_cfg, nnx.Rngs(0))
+    if values:
+        set_values(model, values)
+    return model
+
+
+def values_of(model) -> dict:
+    """{flat path: host array} of every variable of `model`."""
+    return {k: np.asarray(jax.device_get(v)) for k, v in trees.flat(nnx.state(model)).items()}
+
+
+def set_values(model, values: dict) -> None:
+    """Set the variables of `model` found in `values` (same path and shape) as arrays on the host CPU; others
+    are left alone."""
+    cpu = jax.devices("cpu")[0]
+    state = nnx.state(model)
+    leaves = []
+    for path, var in nnx.to_flat_state(state):
+        k = trees.key(path)
+        if k in values:
+            v = values[k]
+            if tuple(np.shape(v)) != tuple(var.get_value().shape):
+                raise ValueError(f"{k}: shape {np.shape(v)} does not fit {var.get_value().shape}")
+            leaves.append((path, var.replace(jax.device_put(np.asarray(v), cpu))))
+    nnx.update(model, nnx.from_flat_state(leaves))
+
+
+def quantizers(model) -> dict[str, UniformQuantizer]:
+    """{site path: quantizer} of every UniformQuantizer in `model`."""
+    return {p: m for p, m in sites_of(model).items() if isinstance(m, UniformQuantizer)}
+
+
+def linears_with_weight_sites(model) -> list:
+    """(linear, its weight quantizer) for every linear whose weight is quantized."""
+    return [(m, m.weight_site) for _, m in nnx.iter_modules(model)
+            if isinstance(getattr(m, "weight_site", None), UniformQuantizer)]
+
+
+def uniform_rules(model_cfg, w_bits: int, a_bits: int, *, init: str, smooth_roles: tuple[str, ...] = ()) -> tuple:
+    """PTQ4DiT's sites and granularities (ptq_baselines.md §2.2), also RTN's: every linear's weight per output
+    channel and every linear's input per tensor, asymmetric; attention q, k, v per tensor; softmax probabilities
+    unsigned per tensor. The inputs of `smooth_roles` (CSB's layers) divide by their balancing factor first.
+    a_bits = 16 leaves activations in full precision (CSB's layers keep only the division)."""
+    rules = [{"path": r".*\.weight", "kind": "uniform", "bits": w_bits, "granularity": "channel", "axis": -1,
+              "init": init}]
+    quant_acts = a_bits < 16
+    for role in smooth_roles:
+        path = BLOCK + role.replace(".", r"\.") + r"\.input"
+        rules.append({"path": path, "kind": "uniform", "bits": a_bits, "init": init, "smooth": True}
+                     if quant_acts else {"path": path, "kind": "smooth"})
+    if quant_acts:
+        rules += [{"path": r".*\.input", "kind": "uniform", "bits": a_bits, "init": init},
+                  {"path": BLOCK + r".*\.(q|k|v)", "kind": "uniform", "bits": a_bits, "init": init},
+                  {"path": BLOCK + r".*\.probs", "kind": "uniform", "bits": a_bits, "init": init, "zero_point": False}]
+    return tuple(rules)
+
+
+def observer_rules(rules) -> tuple:
+    """The same sites with every activation quantizer replaced by an Observer (weights stay quantized)."""
+    out = []
+    for r in rules:
+        if r["path"].endswith(r"\.weight") or r["kind"] == "none":
+            out.append(r)
+        else:
+            out.append({"path": r["path"], "kind": "observe", "smooth": bool(r.get("smooth") or r["kind"] == "smooth")})
+    return tuple(out)
+
+
+def init_weights(model) -> None:
+    """Every weight quantizer calibrated on its own (already balanced) weight."""
+    for lin, q in linears_with_weight_sites(model):
+        q.calibrate(lin.weight())
+
+
+def init_activations(q_model, obs_model, carry: Carry, *, log=print, batch_size: int = 64) -> None:
+    """Calibrate every static activation quantizer of `q_model` unit by unit: the unit's observers (in
+    `obs_model`, which shares the weights) see the unit's inputs from the model quantized so far, then the
+    unit's quantizers are set from what they saw and the quantized unit advances the carry. Inside a unit the
+    observed tensors come from full-precision activations (all of the unit's sites are observed in one pass)."""
+    qs = quantizers(q_model)
+    units = unit_list(q_model)
+    for unit in tqdm(units, desc="activation quantizers", leave=False):
+        set_values(obs_model, values_of(q_model))
+        for site, x in observe_unit(obs_model, unit, carry, batch_size=batch_size).items():
+            q = qs.get(site)
+            if q is not None and not q.dynamic:
+                q.calibrate(x)
+        carry = advance(q_model, unit, carry, batch_size=batch_size)
+
+
+def calib_carry(calib, idx=None) -> Carry:
+    """The carry of calibration entries `idx` (all by default) before the first unit."""
+    idx = np.arange(len(calib)) if idx is None else idx
+    x, t, y = calib.batch(idx)
+    return Carry(x=x, t=t, y=y)
+
+
+def deployed_bytes(model, w_bits: int) -> int:
+    """Bytes of the model as deployed: quantized weights at w_bits (their Δ and z are float32 variables of the
+    quantizers), every other variable at its own size."""
+    total = sum(int(np.asarray(v).nbytes) for v in trees.flat(nnx.state(model)).values())
+    for lin, _ in linears_with_weight_sites(model):
+        k = lin.kernel[...]
+        total += int(np.ceil(k.size * w_bits / 8)) - k.size * k.dtype.itemsize
+    return total
+
+
+def module_at(model, path: str):
+    """The submodule at a dotted tree path ('layers.3.attention.wq')."""
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def block_prefixes(model) -> list[str]:
+    """'layers.0', 'layers.1', ... (or 'blocks.N' for the original DiT): the tree paths of the blocks."""
+    name = blocks_attr(model)
+    return [f"{name}.{i}" for i in range(len(model.block_list()))]

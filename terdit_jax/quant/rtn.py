@@ -1,0 +1,19 @@
+"""Round-to-nearest: the baseline every PTQ paper starts from. The same sites and granularities as PTQ4DiT
+(weights per output channel, activations per tensor, asymmetric), ranges by min-max — weights from themselves,
+activations from the calibration set's statistics subset, unit by unit — and nothing else."""
+from __future__ import annotations
+
+from terdit_jax.quant import ptq
+
+
+def quantize(job) -> dict:
+    q, fp_cfg = job.config.quant, job.fp_cfg
+    q_cfg = ptq.with_sites(fp_cfg, ptq.uniform_rules(fp_cfg, q.w_bits, q.a_bits, init="minmax"))
+    model = ptq.host_model(q_cfg, job.fp_values)
+    with job.stage("weight quantizers"):
+        ptq.init_weights(model)
+    if q.a_bits < 16:
+        with job.stage("activation quantizers"):
+            obs = ptq.host_model(ptq.with_sites(fp_cfg, ptq.observer_rules(q_cfg.sites)), job.fp_values)
+            ptq.init_activations(model, obs, ptq.calib_carry(job.calib, job.calib.init), log=job.log)
+    return {"model": model, "model_cfg": q_cfg, "info": {"init": "minmax"}}

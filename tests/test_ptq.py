@@ -1,0 +1,187 @@
+"""Post-training quantization: the calibration set, CSB/SSC and the re-parameterization, the quantized-model
+format, `--mode quantize` → `--mode sample` end to end on a tiny model, resume, and bad input."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from terdit_jax import trees
+from terdit_jax.checkpoint import Checkpoints
+from terdit_jax.config import base_config, finalize
+from terdit_jax.model_fn import init_model
+from terdit_jax.quant import checkpoint as qckpt, ptq, ptq4dit
+from terdit_jax.quant.calibration import CalibrationError, calibration_set, selected_steps
+from terdit_jax.quant.run import QuantizeError, run_quantize_mode
+
+
+def pixel_config(**model):
+    """A 2-block full-precision Large-DiT on 8×8×1 pixels (16 tokens of width 32), float32."""
+    c = base_config()
+    c.model.update({**dict(name="custom", dim=32, n_layers=2, n_heads=4, multiple_of=16, patch_size=2, in_channels=1,
+                           num_classes=10, dtype="float32", linear="fp"), **model})
+    c.data.update(kind="digits", image_size=8, latent=False)
+    return finalize(c)
+
+
+def quick(config, **quant):
+    """Seconds-scale settings: 4 sampling steps, 2 calibration steps × 4 latents, 5 reconstruction iterations."""
+    c = config.copy_and_resolve_references()
+    c.sample.num_steps, c.sample.sampler, c.sample.batch_size = 4, "ddim", 8
+    c.quant.update(dict(calib_steps=2, calib_latents=4, recon_iters=5, recon_batch_size=8, **quant))
+    return c
+
+
+def randomised(params, seed=0):
+    rng, leaves = np.random.default_rng(seed), []
+    for path, var in nnx.to_flat_state(params):
+        v = var.get_value()
+        new = 1 + 0.1 * rng.standard_normal(v.shape) if path[-1] == "weight" else 0.2 * rng.standard_normal(v.shape)
+        leaves.append((path, var.replace(jnp.asarray(new, v.dtype))))
+    return nnx.from_flat_state(leaves)
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory):
+    """A workdir holding random full-precision weights of the tiny model (a weights-only checkpoint)."""
+    config = quick(pixel_config())
+    _, params = init_model(config.model, 0)
+    params = randomised(params)
+    workdir = str(tmp_path_factory.mktemp("fp_run"))
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt.save_weights(0, params, config.model, {"kind": "test"})
+    ckpt.close()
+    return config, workdir, params
+
+
+def test_ssc_weights_are_softmax_of_minus_spearman():
+    s_w = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    s_x = np.array([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1], [2, 1, 4, 3, 5]], np.float64)  # ρ = 1, −1, 0.8
+    rho = np.array([1.0, -1.0, 0.8])
+    np.testing.assert_allclose([stats.spearmanr(r, s_w).statistic for r in s_x], rho)
+    np.testing.assert_allclose(ptq4dit.ssc_weights(s_x, s_w), np.exp(-rho) / np.exp(-rho).sum(), rtol=1e-12)
+    # per time step: the rows of one t are merged by their max before the weights are taken
+    t = np.array([7, 7, 3])
+    f = ptq4dit.balance_factor(s_x, t, s_w, "timestep")
+    merged = np.stack([s_x[2], s_x[:2].max(0)])  # t = 3, t = 7
+    eta = ptq4dit.ssc_weights(merged, s_w)
+    np.testing.assert_allclose(f, np.sqrt((eta @ merged) / (s_w + 1e-8)), rtol=1e-6)
+
+
+def test_calibration_set_layout(fp_run, tmp_path):
+    config, workdir, params = fp_run
+    apply, _ = init_model(config.model, 0)
+    calib = calibration_set(apply, params, config, {"workdir": workdir, "step": 0}, str(tmp_path))
+    assert len(calib) == 2 * 4 * 2  # steps × latents × {class, null}
+    assert selected_steps(4, 2) == [0, 2]  # every (N // count)-th step, noisiest first
+    np.testing.assert_array_equal(np.unique(calib.k), [1, 3])  # respaced indices of trajectory positions 2 and 0
+    for g in calib.groups():  # [c, c, null, null]: two latents of one class, then the same two unconditioned
+        y = calib.y[g]
+        assert y[0] == y[1] != 10 and (y[2:] == 10).all()
+        np.testing.assert_array_equal(calib.x[g[:2]], calib.x[g[2:]])
+        assert len(set(calib.t[g])) == 1
+    assert len(calib.init) == 2 * 4  # one group per selected step
+    again = calibration_set(apply, params, config, {"workdir": workdir, "step": 0}, str(tmp_path))
+    np.testing.assert_array_equal(again.x, calib.x)  # read back, not recorded again
+    other = config.copy_and_resolve_references()
+    other.quant.calib_path = [os.path.join(str(tmp_path), f) for f in os.listdir(tmp_path) if f.endswith(".npz")][0]
+    with pytest.raises(CalibrationError, match="another model or other settings"):
+        calibration_set(apply, params, other, {"workdir": workdir, "step": 99}, str(tmp_path))
+
+
+@pytest.mark.parametrize("reparam", [False, True])
+def test_csb_and_its_reparameterization_leave_the_fp_output_unchanged(fp_run, reparam):
+    config, _, params = fp_run
+    fp_cfg = config.model
+    roles = ptq.roles(fp_cfg)
+    rules = ptq.uniform_rules(fp_cfg, 16, 16, init="minmax", smooth_roles=roles.attn_in + roles.attn_out + roles.mlp_in)
+    rules = tuple(r for r in rules if r["kind"] == "smooth")  # CSB's division alone, nothing quantized
+    model = ptq.host_model(ptq.with_sites(fp_cfg, rules), {k: np.asarray(v) for k, v in trees.flat(params).items()})
+    groups = ptq4dit.csb_groups(model, roles)
+    rng = np.random.default_rng(3)
+    factors = {g[0]: rng.uniform(0.2, 5.0, ptq.module_at(model, g[0]).kernel.shape[0]).astype(np.float32)
+               for g in groups}
+    ptq4dit.apply_csb(model, groups, factors)
+    if reparam:
+        ptq4dit.fold(model, roles, fp_cfg.family)
+        for g in groups:  # the divisions moved out of the sites
+            np.testing.assert_array_equal(ptq.module_at(model, g[0]).input_site.smooth[...], 1.0)
+    apply, _ = init_model(fp_cfg, 0)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 1)), jnp.float32)
+    t, y = jnp.array([5, 900]), jnp.array([3, 10])
+    want = np.asarray(apply(params, x, t, y))
+    got = np.asarray(model(x, t, y))
+    assert not np.allclose(ptq.module_at(model, groups[0][0]).kernel[...], params["layers"][0]["attention"]["wq"]["kernel"][...])  # noqa: E501
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_quantize_resume_and_sample_end_to_end(fp_run, monkeypatch):
+    """PTQ4DiT W4A8 on the tiny model, stopped inside block 1, resumed there, then sampled like any model."""
+    from terdit_jax.sample import load_for_sampling, run_sample_mode
+
+    config, workdir, params = fp_run
+    c = quick(config, method="ptq4dit", w_bits=4, a_bits=8)
+    calls, real = [], ptq4dit.reconstruct
+
+    def flaky(model, unit, *a, **k):
+        calls.append(unit.name)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # stopped inside block 1
+        return real(model, unit, *a, **k)
+    monkeypatch.setattr(ptq4dit, "reconstruct", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_quantize_mode(c, workdir, log=lambda *_: None)
+    out = qckpt.model_dir(workdir, "ptq4dit_w4a8")
+    with open(os.path.join(out + ".partial", "progress.json")) as f:
+        assert json.load(f)["done_units"] == 3
+    with pytest.raises(qckpt.QuantizedModelError, match="interrupted: rerun"):
+        qckpt.read_manifest(out)
+    calls.clear()
+    manifest = run_quantize_mode(c, workdir, log=lambda *_: None)
+    assert calls == ["block 1", "unembed"]  # resumed at the unit it was in
+    assert os.path.exists(os.path.join(out, qckpt.MANIFEST)) and not os.path.exists(out + ".partial")
+    assert set(manifest["stages"]) == {"calibration set", "csb", "weight quantizers", "activation quantizers",
+                                       "reconstruction"}  # the earlier stages' report came with the resume point
+    assert [u["unit"] for u in manifest["info"]["units"]] == ["block 1", "unembed"]
+    assert manifest["deployed_bytes"] < sum(np.asarray(v).nbytes for v in jax.tree.leaves(params))
+    s = c.copy_and_resolve_references()
+    s.sample.quantized = "ptq4dit_w4a8"
+    s.sample.classes, s.sample.per_class = "1,2", 1
+    cfg, apply, qparams, step, _ = load_for_sampling(s, workdir)
+    assert any(r["path"].endswith(r"\.weight") and r["bits"] == 4 for r in cfg.model.sites)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 1)), jnp.float32)
+    t, y = jnp.array([5, 900]), jnp.array([3, 10])
+    qout = np.asarray(apply(qparams, x, t, y))
+    fout = np.asarray(init_model(c.model, 0)[0](params, x, t, y))
+    assert 0 < np.abs(qout - fout).max() < np.abs(fout).max()  # quantized: close to, not equal to, the FP model
+    paths = run_sample_mode(s, workdir, log=lambda *_: None)
+    assert os.path.basename(paths["grid"]) == "sample_ptq4dit_w4a8_0000000.png"
+    with np.load(paths["npz"]) as f:
+        assert f["arr_0"].shape == (2, 8, 8, 1) and f["arr_0"].dtype == np.uint8
+
+
+def test_bad_requests_are_refused_and_nothing_is_overwritten(fp_run):
+    config, workdir, _ = fp_run
+    c = quick(config, method="rtn", w_bits=8, a_bits=8)
+    run_quantize_mode(c, workdir, log=lambda *_: None)
+    path = os.path.join(qckpt.model_dir(workdir, "rtn_w8a8"), qckpt.MANIFEST)
+    before = os.path.getmtime(path)
+    with pytest.raises(qckpt.QuantizedModelError, match="holds a quantized model already"):
+        run_quantize_mode(c, workdir, log=lambda *_: None)
+    assert os.path.getmtime(path) == before
+    ternary = quick(pixel_config(linear="ternary"), method="rtn")
+    with pytest.raises(QuantizeError, match="full-precision model"):
+        run_quantize_mode(ternary, workdir, log=lambda *_: None)
+    other = quick(pixel_config(n_layers=3))
+    other.sample.quantized = "rtn_w8a8"
+    from terdit_jax.sample import load_for_sampling
+    with pytest.raises(qckpt.QuantizedModelError, match="another architecture.*n_layers"):
+        load_for_sampling(other, workdir)
+    wrong = c.copy_and_resolve_references()
+    wrong.sample.quantized, wrong.quant.method = "rtn_w8a8", "ptq4dit"
+    with pytest.raises(qckpt.QuantizedModelError, match="made by 'rtn'"):
+        load_for_sampling(wrong, workdir)
