@@ -7,20 +7,25 @@ cfg 4.0 on 3 channels, one 256 px image = a 32×32×4 latent, so the model sees 
   all blocks fused into one matmul per step (`model_fn.PackedApply`);
 * bf16:   `model.linear='fp'` with every parameter stored in bf16 (Large-DiT at bf16).
 
-Weights are random (timing and memory do not depend on their values) and are generated on the host leaf
-by leaf in their final dtype, so no float32 copy of the model ever exists on the device. Reported per variant: weight
-bytes (exact, from the arrays), wall time of the timed runs (compile excluded; the first call is reported
-separately), and peak device memory from `device.memory_stats()` when the platform has it (GPU) — each
-variant then runs in its own process so the peak is its own. On CPU, device memory is "not measured".
+Weights are random (timing and memory do not depend on their values) and are generated leaf by leaf in
+their final dtype, so no float32 copy of the model ever exists on the device: on the host with numpy (the
+default), or with `--init device` by jax.random on the device itself (same distributions; the GPU suite uses
+it: numpy took 1.1 s per 25 million normal draws on the 2-core VM, minutes for the 4.2B model's 4.2e9).
+Reported per variant: weight bytes (exact, from the arrays), wall time of the timed runs (compile excluded;
+the first call is reported separately), and peak device memory from `device.memory_stats()` when the platform
+has it (GPU) — each variant then runs in its own process so the peak is its own. On CPU, device memory is
+"not measured".
 The VAE decode is not included (it is the same for both).
 
   python benchmarks/sample_e2e.py                    # 600M and 4.2B at 256 px, 250 steps (GPU)
   python benchmarks/sample_e2e.py --tiny             # small config, 4 steps, runs on a CPU in seconds
   python benchmarks/sample_e2e.py --compile_only     # full sizes without weights: compiled step memory only
+  python benchmarks/sample_e2e.py --models 4.2B --init device --skip_compiled_memory   # the GPU suite's stage
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -38,7 +43,7 @@ from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.diffusion.samplers import sample
 from terdit_jax.models import packed as packed_lib
 from terdit_jax.model_fn import ApplyDiT, PackedApply, split_packed
-from terdit_jax.models.families import abstract, build
+from terdit_jax.models.families import abstract, build as build_family
 from terdit_kernels import resolve_backend
 
 MODELS = {"600M": "DiT_Llama_600M_patch2", "4.2B": "DiT_Llama_3B_patch2"}
@@ -77,11 +82,34 @@ def _random_leaf(rng: np.random.Generator, leaf, name: str) -> jax.Array:
     return jax.device_put(np.asarray(value).astype(dtype))
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "kind"))
+def _device_leaf(key, std, *, shape, dtype, kind: str) -> jax.Array:
+    """`_random_leaf`'s distribution drawn on the device, straight into `dtype` (kind: codes, const or normal).
+
+    std is traced, so leaves of one shape share a compile whatever their scale (compiles dominate this init).
+    """
+    if kind == "codes":
+        return jnp.asarray(_CODE_BYTES)[jax.random.randint(key, shape, 0, 81)]
+    if kind == "const":
+        return jnp.full(shape, std, dtype)
+    return (std * jax.random.normal(key, shape, dtype)).astype(dtype)
+
+
+def _random_leaf_on_device(key, leaf, name: str) -> jax.Array:
+    shape, dtype = tuple(leaf.shape), jnp.dtype(leaf.dtype)
+    if dtype == jnp.uint8:
+        return _device_leaf(key, 0.0, shape=shape, dtype=dtype, kind="codes")
+    if name == "weight" or len(shape) == 0:
+        return _device_leaf(key, 0.02 if len(shape) == 0 else 1.0, shape=shape, dtype=dtype, kind="const")
+    std = 0.02 if len(shape) == 1 else float(1.0 / np.sqrt(shape[0]))
+    return _device_leaf(key, std, shape=shape, dtype=dtype, kind="normal")
+
+
 def abstract_build(model_cfg, variant: str):
     """(apply, params as ShapeDtypeStructs) of a variant, nothing allocated (for --compile_only)."""
     if variant == "packed":
         model = nnx.eval_shape(lambda: packed_lib.fuse_adaln(packed_lib.configure_packed(
-            build(model_cfg, nnx.Rngs(0)), *packed_lib.packed_settings(model_cfg))))
+            build_family(model_cfg, nnx.Rngs(0)), *packed_lib.packed_settings(model_cfg))))
         graphdef, params = nnx.split(model)
         return PackedApply(graphdef), params
     graphdef, params = nnx.split(abstract(model_cfg), nnx.Param)
@@ -106,15 +134,17 @@ def compiled_step_memory(apply, params, model_cfg) -> dict:
     return {"argument_bytes": int(ma.argument_size_in_bytes), "temp_bytes": int(ma.temp_size_in_bytes)}
 
 
-def build(model_cfg, variant: str, seed: int = 0):
-    """(apply, params) with random weights, allocated leaf by leaf in their final dtype."""
+def build(model_cfg, variant: str, seed: int = 0, init: str = "host"):
+    """(apply, params) with random weights, allocated leaf by leaf in their final dtype (init: host or device)."""
     graphdef, shapes = nnx.split(abstract(model_cfg))
-    leaves, rng = [], np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(shapes):
+    leaves, rng, key = [], np.random.default_rng(seed), jax.random.key(seed)
+    for i, (path, var) in enumerate(nnx.to_flat_state(shapes)):
         leaf = var.get_value()
         if variant == "bf16" and leaf.dtype == jnp.float32:
             leaf = jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16)
-        leaves.append((path, var.replace(_random_leaf(rng, leaf, str(path[-1])))))
+        value = (_random_leaf_on_device(jax.random.fold_in(key, i), leaf, str(path[-1])) if init == "device"
+                 else _random_leaf(rng, leaf, str(path[-1])))
+        leaves.append((path, var.replace(value)))
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
     if variant == "packed":
         packed_lib.configure_packed(model, *packed_lib.packed_settings(model_cfg))
@@ -131,7 +161,8 @@ def _peak_memory():
 
 
 def run_variant(model: str, variant: str, *, tiny: bool, steps: int, cfg_scale: float, repeats: int,
-                act_dtype: str, backend: str, isolated: bool, compile_only: bool = False) -> dict:
+                act_dtype: str, backend: str, isolated: bool, compile_only: bool = False, init: str = "host",
+                skip_compiled_memory: bool = False) -> dict:
     """Build one variant, sample once to compile, then time `repeats` full samplings."""
     cfg = model_config(model, tiny, "packed" if variant == "packed" else "fp")
     with cfg.unlocked():
@@ -141,7 +172,7 @@ def run_variant(model: str, variant: str, *, tiny: bool, steps: int, cfg_scale: 
         return {"weight_bytes": int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))),
                 "compiled_step_memory": compiled_step_memory(apply, params, cfg)}
     t0 = time.perf_counter()
-    apply, params = build(cfg, variant)
+    apply, params = build(cfg, variant, init=init)
     jax.block_until_ready(params)
     build_s = time.perf_counter() - t0
     weight_bytes = int(sum(x.nbytes for x in jax.tree_util.tree_leaves(params)))
@@ -163,7 +194,11 @@ def run_variant(model: str, variant: str, *, tiny: bool, steps: int, cfg_scale: 
         t0 = time.perf_counter()
         x = once(r + 1)
         times.append(time.perf_counter() - t0)
-    return {"weight_bytes": weight_bytes, "compiled_step_memory": compiled_step_memory(apply, params, cfg),
+    # --skip_compiled_memory saves a second compile of the model (tens of seconds at 4.2B on a GPU), where the
+    # measured peak is the number that matters
+    compiled = ({"argument_bytes": NOT_MEASURED, "temp_bytes": NOT_MEASURED} if skip_compiled_memory
+                else compiled_step_memory(apply, params, cfg))
+    return {"weight_bytes": weight_bytes, "compiled_step_memory": compiled,
             "build_s": round(build_s, 3), "first_call_s": round(first_s, 3),
             "time_s": round(float(np.median(times)), 4), "times_s": [round(t, 4) for t in times],
             "peak_device_memory_bytes": _peak_memory() if isolated else NOT_MEASURED,
@@ -174,7 +209,8 @@ def _run_isolated(model: str, variant: str, a) -> dict:
     """The variant in a fresh process, so `peak_bytes_in_use` belongs to it alone."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", f"{model}:{variant}", "--steps", str(a.steps),
            "--cfg_scale", str(a.cfg_scale), "--repeats", str(a.repeats), "--act_dtype", a.act_dtype,
-           "--backend", a.backend] + (["--tiny"] if a.tiny else []) + (["--compile_only"] if a.compile_only else [])
+           "--backend", a.backend, "--init", a.init] + (["--tiny"] if a.tiny else []) + \
+        (["--compile_only"] if a.compile_only else []) + (["--skip_compiled_memory"] if a.skip_compiled_memory else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -200,11 +236,16 @@ def main(argv=None) -> dict:
                    help="one process per variant (auto: when the device reports memory stats)")
     p.add_argument("--compile_only", action="store_true",
                    help="no weights, no sampling: only weight bytes and the compiled step's memory (any size on CPU)")
+    p.add_argument("--init", default="host", choices=("host", "device"),
+                   help="where the random weights are drawn: numpy on the host, or jax.random on the device (fast)")
+    p.add_argument("--skip_compiled_memory", action="store_true",
+                   help="do not compile the model a second time for its memory analysis (saves compile time)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.steps = a.steps or (4 if a.tiny else 250)
     opts = dict(tiny=a.tiny, steps=a.steps, cfg_scale=a.cfg_scale, repeats=a.repeats, act_dtype=a.act_dtype,
-                backend=a.backend, compile_only=a.compile_only)
+                backend=a.backend, compile_only=a.compile_only, init=a.init,
+                skip_compiled_memory=a.skip_compiled_memory)
     if a._worker:
         model, variant = a._worker.split(":")
         print(json.dumps(run_variant(model, variant, isolated=True, **opts)))
@@ -216,7 +257,7 @@ def main(argv=None) -> dict:
         "benchmark": "sample_e2e", "platform": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
         "host": platform.node(), "jax": jax.__version__, "steps": a.steps, "cfg_scale": a.cfg_scale,
         "images": 1, "model_batch": 2, "compile_only": a.compile_only, "act_dtype": a.act_dtype,
-        "packed_backend": resolve_backend(a.backend), "isolated": isolate,
+        "packed_backend": resolve_backend(a.backend), "isolated": isolate, "init": a.init,
         "gpu": "measured" if jax.default_backend() == "gpu" else NOT_MEASURED, "models": {},
     }
     for model in models:

@@ -28,7 +28,7 @@ from terdit_jax.models.bitnet import input_norm as apply_input_norm
 from terdit_jax.quant.sites import quantize
 from terdit_kernels import padded_k, quantize_activations, resolve_backend, ternary_matmul
 from terdit_kernels.ops import BACKENDS
-from terdit_kernels.reference import ACT_DTYPES as _KERNEL_ACT_DTYPES, accumulate
+from terdit_kernels.reference import ACT_DTYPES as _KERNEL_ACT_DTYPES, accumulate, tile_columns
 
 ACT_DTYPES = tuple(_KERNEL_ACT_DTYPES)  # "bf16", "f32" (W2A16), "int8" (W2A8)
 _ZERO_BYTE = 0x55  # four codes u = 1, i.e. W_t = 0 (code u = W_t + 1, terdit_kernels.packing)
@@ -69,7 +69,7 @@ class PackedTernaryDense(nnx.Module):
     def __call__(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
         """x (..., in) → (..., out) in `dtype` (the bias is added in float32 inside the matmul epilogue)."""
         x = apply_input_norm(self.input_norm, quantize(self.input_site, x, t), self.norm_eps)
-        codes = _after_input(self.packed[...], x, self.backend)
+        codes = _after_input(self.packed[...], x, self.backend, self.in_features)
         y = ternary_matmul(x.astype(self.dtype), codes, self.alpha[...], k=self.in_features,
                            bias=None if self.bias is None else self.bias[...], act_dtype=self.act_dtype,
                            backend=self.backend)
@@ -83,8 +83,8 @@ class PackedTernaryDense(nnx.Module):
         return accumulate(q, self.packed[...], k=self.in_features)
 
 
-def _after_input(codes: jax.Array, x: jax.Array, backend: str) -> jax.Array:
-    """On the XLA path, give the layer's unpacking a data dependency on the layer input.
+def _after_input(codes: jax.Array, x: jax.Array, backend: str, k: int) -> jax.Array:
+    """On the XLA path, give an untiled layer's unpacking a data dependency on the layer input (k: in-features).
 
     The XLA fallback unpacks W_t into a dense (K, N) matrix. Those unpacks depend only on the weights, so
     XLA may run all of them before the first block, and XLA:CPU does: the compiled 4.2B forward then holds
@@ -92,10 +92,12 @@ def _after_input(codes: jax.Array, x: jax.Array, backend: str) -> jax.Array:
     optimization barrier is dropped by the CPU pipeline and does not help). OR-ing in `x0 != x0` (false
     unless the first activation is NaN, and XLA cannot fold it because of NaN semantics) makes each unpack
     wait for its layer's input, so a layer's dense matrix exists only while that layer runs. With a NaN
-    input the codes change, but the sample is NaN already. The Pallas kernel never builds the matrix, so
-    this is skipped there.
+    input the codes change, but the sample is NaN already. The GPU kernels never build the matrix, and a layer
+    the fallback unpacks tile by tile (`terdit_kernels.reference.tile_columns`) already waits for its input
+    inside its loop, where the OR would only add a copy of the codes (117 MB more temporaries for 4.2B), so
+    both are skipped.
     """
-    if resolve_backend(backend) != "xla":
+    if resolve_backend(backend, m=x.size // x.shape[-1]) != "xla" or tile_columns(k, codes.shape[1]) < codes.shape[1]:
         return codes
     x0 = x.reshape(-1)[0]
     return codes | (x0 != x0).astype(jnp.uint8)
@@ -155,11 +157,12 @@ class StackedAdaLN(nnx.Module):
             # exact int32 accumulators come from the XLA path (M = batch rows here: a kernel would gain nothing) and
             # each block gets the row scale s·α_l that its own layer forms.
             q, s = quantize_activations(x)
-            acc = accumulate(q, _after_input(self.packed[...], x, "xla"), k=self.in_features)  # (B, L·6D) int32
+            acc = accumulate(q, _after_input(self.packed[...], x, "xla", self.in_features), k=self.in_features)
             scale = s[:, None, :] * self.alpha[...][None, :, None]  # (B, L, 1)
             mod = acc.reshape(x.shape[0], self.n_layers, self.width).astype(jnp.float32) * scale
         else:
-            acc = ternary_matmul(x, _after_input(self.packed[...], x, self.backend), jnp.ones((), jnp.float32),
+            acc = ternary_matmul(x, _after_input(self.packed[...], x, self.backend, self.in_features),
+                                 jnp.ones((), jnp.float32),
                                  k=self.in_features,
                                  act_dtype=self.act_dtype, backend=self.backend)  # (B, L·6D) float32
             mod = acc.reshape(x.shape[0], self.n_layers, self.width) * self.alpha[...][None, :, None]
