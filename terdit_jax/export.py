@@ -118,19 +118,6 @@ def pack_state(ternary_params, model_cfg) -> nnx.State:
     return state
 
 
-def _finish_dir(tmp: str, out_dir: str, overwrite: bool):
-    """Atomically publish `tmp` as `out_dir` (replacing an existing export only with `overwrite`)."""
-    if os.path.exists(out_dir):
-        if not overwrite:
-            raise ExportError(f"{out_dir} exists; pass overwrite=True to replace it")
-        old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=os.path.dirname(out_dir))
-        os.rename(out_dir, os.path.join(old, "x"))  # out_dir is absent only between these two renames
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
-
-
 def write_packed(out_dir: str, state: nnx.State, model_cfg, *, label_order: str = "imagenet",
                  source: dict | None = None, overwrite: bool = False) -> dict:
     """Write a packed model state + manifest to `out_dir` (temp dir + rename). Returns the manifest."""
@@ -168,7 +155,7 @@ def write_packed(out_dir: str, state: nnx.State, model_cfg, *, label_order: str 
         ckptr.close()
         with open(os.path.join(tmp, MANIFEST), "w") as f:  # written last: its presence marks a complete export
             json.dump(manifest, f, indent=1, sort_keys=True)
-        _finish_dir(tmp, out_dir, overwrite)
+        trees.publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,6 +3,9 @@ dicts, and filling an abstract model state from any source through one lookup fu
 official-checkpoint importers and quantized checkpoints all do exactly that)."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from typing import Callable
 
 import jax
@@ -76,3 +79,15 @@ def fill(abstract: nnx.State, lookup: Callable) -> tuple[nnx.State, list[str], l
             continue
         leaves.append((path, var.replace(jax.numpy.asarray(value, want.dtype))))
     return nnx.from_flat_state(leaves), missing, bad
+
+
+def publish_dir(tmp: str, out_dir: str) -> None:
+    """Move the finished folder `tmp` to `out_dir` by renames, replacing what is there (the caller decides whether
+    it may): out_dir is absent only between two renames, never half written."""
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=os.path.dirname(out_dir))
+        os.rename(out_dir, os.path.join(old, "x"))
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)

@@ -1,9 +1,31 @@
 import os
+import tempfile
 
 # Tests run on the CPU; a GPU visible to the test process would change numerics and timings.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
 from terdit_jax.config import base_config, finalize  # noqa: E402
+
+# JAX's persistent compilation cache for the tests that compile the same programs again (and their subprocesses):
+# one folder per pytest-xdist worker, because JAX writes cache files in place.
+CACHE = os.path.join(tempfile.gettempdir(), "terdit_jax_test_xla_cache" + os.environ.get("PYTEST_XDIST_WORKER", ""))
+
+
+@pytest.fixture(scope="module")
+def xla_cache():
+    """Reuse compiled programs (same HLO) through JAX's persistent cache while a module runs."""
+    from jax._src import compilation_cache as cc
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cc.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    cc.reset_cache()
 
 
 def tiny_config(**model):

@@ -238,19 +238,6 @@ def test_bad_input_fails_with_one_clear_message(tmp_path):
     assert not workdir.exists()
 
 
-@pytest.fixture
-def xla_cache():
-    """Reuse the benchmark's compiled steps across test runs (same HLO) through JAX's persistent cache."""
-    from jax._src import compilation_cache as cc
-    from test_parallel import CACHE
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    cc.reset_cache()
 
 
 def test_lowbit_benchmark_tiny_mode_runs_and_every_kind_learns(capsys, xla_cache):

@@ -13,10 +13,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_parallel import CACHE, ROOT, tiny_config  # noqa: E402
-from test_train import quiet, xla_cache  # noqa: E402,F401  (module fixture: shared compile cache)
+from test_train import quiet  # noqa: E402
 
 from terdit_jax import train as T  # noqa: E402
 from terdit_jax.checkpoint import CheckpointError, Checkpoints, export_orbax, load_exported  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("xla_cache")  # the shared compile cache (conftest)
 
 CHILD = r'''
 import json, os, signal, sys

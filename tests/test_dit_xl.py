@@ -27,24 +27,11 @@ from terdit_jax.models.families import abstract, count_params, site_paths
 from terdit_jax.quant.sites import observe
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_parallel import CACHE  # noqa: E402
 
 D, L, H, P, C, NCLS, LATENT = 64, 2, 4, 2, 4, 10, 8  # 16 tokens of width 64, head dim 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache():
-    """Compiled programs reused across runs through JAX's persistent cache (the directory the scale-out tests
-    share): compiling the train step, the sampler and the forwards is most of this file's time."""
-    from jax._src import compilation_cache as cc
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 def tiny_dit(**model):

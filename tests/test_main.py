@@ -82,6 +82,9 @@ def test_a_different_architecture_is_refused_and_checkpoints_kept(demo_run):
     (["--mode", "sample", "--workdir", "/tmp/terdit-empty-workdir-for-test"], "no checkpoint in"),
     (["--config.model.family=nope"], "config.model.family: 'nope' is not one of 'large_dit'"),
     (["--mode", "sample", "--config.sample.num_steps=0"], "config.sample.num_steps: 0 cannot respace 1000 steps"),
+    (["--mode", "quantize", "--config.quant.method=gptq"], "config.quant.method: 'gptq' is not one of 'rtn'"),
+    (["--mode", "quantize", "--config.quant.method=rtn", "--config.quant.w_bits=1"],
+     "config.quant.w_bits: 1 is outside 2..16"),
 ])
 def test_bad_input_gives_one_clear_message(args, expect):
     r = cli(*args, check=False)

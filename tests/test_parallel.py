@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from terdit_jax.models import ternary
 from terdit_jax.models.ternary import absmean_ternary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.path.join(tempfile.gettempdir(), "terdit_jax_test_xla_cache")  # shared by the scale-out tests
+from conftest import CACHE  # noqa: E402  (the persistent compile cache the subprocesses share)
 
 
 def tiny_config(**train):

@@ -12,7 +12,7 @@ from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.quant import checkpoint as qckpt, tqdit
 from terdit_jax.quant.quantizers import TwoRegionGELU, TwoRegionSigned, TwoRegionSoftmax, UniformQuantizer
 from terdit_jax.quant.run import run_quantize_mode
-from test_ptq import fp_run, quick  # noqa: F401  (the tiny FP workdir fixture)
+from test_ptq import fp_run, quick  # noqa: F401,F811  (the tiny FP workdir fixture)
 
 RNG = np.random.default_rng(0)
 

@@ -9,24 +9,13 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_parallel import CACHE, tiny_config  # noqa: E402
+from test_parallel import tiny_config  # noqa: E402
 
 from terdit_jax import parallel, train as T  # noqa: E402
 from terdit_jax.checkpoint import Checkpoints  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache():
-    """Reuse compiled steps across runs of the same config (same HLO) through JAX's persistent cache."""
-    from jax._src import compilation_cache as cc
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 def quiet(*_):

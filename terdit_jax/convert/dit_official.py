@@ -27,6 +27,7 @@ import sys
 import numpy as np
 
 from terdit_jax import trees
+from terdit_jax.convert import torch_module
 from terdit_jax.checkpoint import CheckpointError, Checkpoints
 from terdit_jax.config import ConfigError, finalize
 from terdit_jax.model_fn import abstract_model
@@ -77,15 +78,6 @@ def official_key(path: tuple) -> tuple[str, str]:
     return f"{module}.{var}", how
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError("reading the released DiT checkpoints needs PyTorch (CPU is enough): "
-                          "pip install 'terdit-jax[convert]'") from e
-    return torch
-
-
 def load_state_dict(path: str) -> tuple[dict[str, np.ndarray], str | None]:
     """(state dict as float32 numpy arrays, the key it was nested under or None) of a DiT checkpoint file.
 
@@ -94,7 +86,7 @@ def load_state_dict(path: str) -> tuple[dict[str, np.ndarray], str | None]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file; download a released DiT, e.g. {DOWNLOAD}")
-    torch = _torch()
+    torch = torch_module("the released DiT checkpoints")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)

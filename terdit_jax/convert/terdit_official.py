@@ -25,6 +25,7 @@ from flax import nnx
 
 import terdit_kernels
 from terdit_jax import trees
+from terdit_jax.convert import torch_module
 from terdit_jax.config import base_config, finalize
 from terdit_jax.export import abstract_packed, write_packed
 from terdit_jax.models.families import FAMILIES
@@ -70,22 +71,13 @@ def official_key(path: tuple) -> tuple[str, str]:
     return f"{module}.{var}", how
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError("reading the official TerDiT checkpoints needs PyTorch (CPU is enough): "
-                          "pip install 'terdit-jax[convert]'") from e
-    return torch
-
-
 def load_official(ckpt_dir: str):
     """(model_args dict, state dict of numpy arrays) from an official checkpoint directory.
 
     Both files are read with torch.load(weights_only=True) (only argparse.Namespace is allowed besides tensors),
     so a tampered pickle cannot run code.
     """
-    torch = _torch()
+    torch = torch_module("the official TerDiT checkpoints")
     paths = {name: os.path.join(ckpt_dir, name) for name in (ARGS_FILE, STATE_FILE)}
     absent = [p for p in paths.values() if not os.path.isfile(p)]
     if absent:

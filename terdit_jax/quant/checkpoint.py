@@ -58,13 +58,7 @@ def write_quantized(out_dir: str, model, model_cfg, manifest: dict, *, overwrite
             ckptr.save(os.path.join(tmp, STATE_DIR), trees.nested(state))
         with open(os.path.join(tmp, MANIFEST), "w") as f:  # written last: its presence marks a complete model
             json.dump(manifest, f, indent=1, sort_keys=True)
-        if os.path.exists(out_dir):  # an earlier model (with overwrite) or a leftover without manifest
-            old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "x"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
+        trees.publish_dir(tmp, out_dir)  # replaces an earlier model (with overwrite) or a leftover without manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -153,6 +153,17 @@ def init_activations(q_model, obs_model, carry: Carry, *, log=print, batch_size:
         carry = advance(q_model, unit, carry, batch_size=batch_size)
 
 
+def init_quantizers(job, model, q_cfg) -> None:
+    """The two initialisation stages RTN and PTQ4DiT share: weight quantizers from the weights, then (when
+    activations are quantized) activation quantizers from the statistics subset, unit by unit."""
+    with job.stage("weight quantizers"):
+        init_weights(model)
+    if job.config.quant.a_bits < 16:
+        with job.stage("activation quantizers"):
+            obs = host_model(with_sites(job.fp_cfg, observer_rules(q_cfg.sites)), job.fp_values)
+            init_activations(model, obs, calib_carry(job.calib, job.calib.init), log=job.log)
+
+
 def calib_carry(calib, idx=None) -> Carry:
     """The carry of calibration entries `idx` (all by default) before the first unit."""
     idx = np.arange(len(calib)) if idx is None else idx

@@ -160,12 +160,7 @@ def quantize(job) -> dict:
                 apply_csb(model, groups, factors)
                 if q.reparam:
                     fold(model, roles, family)
-        with job.stage("weight quantizers"):
-            ptq.init_weights(model)
-        if q.a_bits < 16:
-            with job.stage("activation quantizers"):
-                obs = ptq.host_model(ptq.with_sites(fp_cfg, ptq.observer_rules(q_cfg.sites)), job.fp_values)
-                ptq.init_activations(model, obs, ptq.calib_carry(job.calib, job.calib.init), log=job.log)
+        ptq.init_quantizers(job, model, q_cfg)
         job.save(model, {"done_units": 0})
     if q.recon:
         with job.stage("reconstruction"):

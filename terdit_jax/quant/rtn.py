@@ -10,10 +10,5 @@ def quantize(job) -> dict:
     q, fp_cfg = job.config.quant, job.fp_cfg
     q_cfg = ptq.with_sites(fp_cfg, ptq.uniform_rules(fp_cfg, q.w_bits, q.a_bits, init="minmax"))
     model = ptq.host_model(q_cfg, job.fp_values)
-    with job.stage("weight quantizers"):
-        ptq.init_weights(model)
-    if q.a_bits < 16:
-        with job.stage("activation quantizers"):
-            obs = ptq.host_model(ptq.with_sites(fp_cfg, ptq.observer_rules(q_cfg.sites)), job.fp_values)
-            ptq.init_activations(model, obs, ptq.calib_carry(job.calib, job.calib.init), log=job.log)
+    ptq.init_quantizers(job, model, q_cfg)
     return {"model": model, "model_cfg": q_cfg, "info": {"init": "minmax"}}
