@@ -41,7 +41,11 @@ RUNTIME_MODEL_FIELDS = ("dtype", "alpha_init", "ternary_gamma", "tensor_shards",
 def model_signature(model_cfg) -> dict:
     """The architecture fields of a model config (JSON-normalised, so tuples compare equal to lists)."""
     d = {**ADDED_MODEL_FIELDS, **(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg))}
-    skip = set(RUNTIME_MODEL_FIELDS) | set(family_of(d).unused_fields)
+    try:
+        family = family_of(d)
+    except KeyError as e:  # a checkpoint or manifest from a version with a family this one lacks
+        raise CheckpointError(f"the model names {e.args[0]}; read it with the version of terdit-jax that wrote it")
+    skip = set(RUNTIME_MODEL_FIELDS) | set(family.unused_fields)
     return json.loads(json.dumps({k: v for k, v in sorted(d.items()) if k not in skip}))
 
 

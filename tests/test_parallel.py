@@ -110,6 +110,25 @@ for shape in [(1, 8, 1), (4, 1, 2)]:
     same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(new)))
     placed = all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(abstract)))
     res["restores"][str(shape)] = [same, placed]
+
+# the original DiT family through the same sharded step (its qkv, MLP and adaLN split over tensor)
+from terdit_jax.config import finalize
+def dit_cfg(mesh):
+    c = cfg(mesh, grad_accum_steps=2)
+    c.model.family, c.model.linear = "dit", "fp"
+    return finalize(c)
+d1 = dit_cfg((1, 1, 1))
+apply_d, st_d = T.init_state(d1)
+ref_d, ref_dm = T.make_train_step(apply_d, d1)(jax.tree.map(jnp.copy, st_d),
+                                               {k: jnp.asarray(v) for k, v in batch_np.items()})
+d8 = dit_cfg((2, 2, 2))
+mesh_d = parallel.create_mesh(d8)
+_, st_d8 = T.init_state(d8, mesh_d)
+new_d8, m_d8 = T.make_train_step(apply_d, d8, mesh_d)(st_d8, parallel.global_batch(batch_np, mesh_d, 8))
+res["dit_loss"] = [float(ref_dm["loss"]), float(m_d8["loss"])]
+res["dit_max_param_diff"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+                                zip(jax.tree.leaves(new_d8["params"]), jax.tree.leaves(ref_d["params"])))
+res["dit_tensor_split"] = any("tensor" in str(v.sharding.spec) for v in jax.tree.leaves(st_d8["params"]))
 print(json.dumps(res))
 '''
 
@@ -117,6 +136,12 @@ print(json.dumps(res))
 @pytest.fixture(scope="module")
 def eight():
     return run_script(EIGHT_DEVICES)
+
+
+def test_sharded_step_of_the_dit_family_matches_unsharded(eight):
+    assert eight["dit_tensor_split"]
+    np.testing.assert_allclose(*eight["dit_loss"], rtol=1e-5)
+    assert eight["dit_max_param_diff"] < 1e-5
 
 
 def test_sharded_step_matches_unsharded(eight):
