@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_parallel import CACHE, ROOT, tiny_config  # noqa: E402
+from test_parallel import CACHE, ROOT, XLA_FLAGS, tiny_config  # noqa: E402
 from test_train import quiet  # noqa: E402
 
 from terdit_jax import train as T  # noqa: E402
@@ -44,7 +44,8 @@ print(json.dumps({"step": out["step"], "preempted": out["preempted"]}), flush=Tr
 
 def child(workdir, mode):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "XLA_FLAGS": f"{XLA_FLAGS} --xla_force_host_platform_device_count=1"}
     return subprocess.Popen([sys.executable, "-c", CHILD, str(workdir), mode], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import types
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +28,31 @@ def _load(name):
 suite = _load("gpu_suite")
 
 
+def _metadata_wheel(folder, dist: str) -> str:
+    """A wheel holding only the metadata of `dist` (no modules): what the install stage needs to install it."""
+    name = f"{suite._norm(dist)}-0.0.0"
+    info = f"{name}.dist-info"
+    files = {f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
+    path = os.path.join(folder, f"{name}-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return os.path.basename(path)
+
+
 @pytest.mark.slow
 def test_tiny_run_reports_every_stage_and_survives_a_failing_and_an_overrunning_one(tmp_path):
-    out = tmp_path / "out"
+    out, wheels = tmp_path / "out", tmp_path / "wheels"
+    wheels.mkdir()
+    # what this interpreter lacks (jax-triton, outside the test extra) is installed from the wheels folder
+    missing = [d for d in suite.CARRIED if suite.installed_version(d) is None]
+    stubs = [_metadata_wheel(wheels, d) for d in missing]
     # demo: its command gets an argument it rejects; sample_600m: a 2 s budget it cannot meet (the --tiny
     # sample_4.2b stage runs the same command to the end, so nothing goes untested)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_suite.py"), "--tiny", "--out", str(out),
-                        "--fail", "demo", "--budget", "sample_600m=2"],
+                        "--wheels", str(wheels), "--fail", "demo", "--budget", "sample_600m=2"],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "gpu_suite.json").read_text())
@@ -41,7 +60,8 @@ def test_tiny_run_reports_every_stage_and_survives_a_failing_and_an_overrunning_
     assert list(stages) == list(suite.STAGES)
     assert {n: s["status"] for n, s in stages.items()} == {
         "install": "ok", "env": "ok", "kernels": "ok", "sample_4.2b": "ok", "train_600m": "ok",
-        "train_4.2b_512": "ok", "sample_600m": "timed out", "demo": "failed"}
+        "train_4.2b_512": "ok", "sample_600m": "timed out", "demo": "failed"}, stages["install"]
+    assert stages["install"]["missing"] == missing and sorted(stages["install"]["installed"]) == sorted(stubs)
     assert suite.FORCED_FAILURE_FLAG.lstrip("-") in stages["demo"]["error"]
     assert stages["sample_600m"]["wall_s"] < 2 + 25  # stopped (process group killed), not waited for
 

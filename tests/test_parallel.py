@@ -17,7 +17,7 @@ from terdit_jax.models import ternary
 from terdit_jax.models.ternary import absmean_ternary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from conftest import CACHE  # noqa: E402  (the persistent compile cache the subprocesses share)
+from conftest import CACHE, XLA_FLAGS  # noqa: E402  (the subprocesses' compile cache and XLA flags)
 
 
 def tiny_config(**train):
@@ -34,8 +34,8 @@ def tiny_config(**train):
 
 
 def run_script(code: str, devices: int = 8, timeout: int = 300) -> dict:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    env = {**os.environ, "XLA_FLAGS": f"{XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=timeout)

@@ -1,7 +1,8 @@
-"""benchmarks/quant_study.py --quick (the machinery, not the numbers) on one row of every kind and method — the FP
-row and its second sampling seed, TerDiT, BitNet, W1.58A8, RTN, PTQ4DiT, TQ-DiT (every row of the study at this
-budget takes several minutes on the 2-core VM, mostly XLA compiles): one result per row, the table, the loss
-curves, a grid per row, and a second call that recomputes nothing."""
+"""benchmarks/quant_study.py --quick (the machinery, not the numbers) on one row of every kind — the FP row and its
+second sampling seed, TerDiT (training), PTQ4DiT and TQ-DiT (the two calibration paths; RTN, BitNet and W1.58A8
+differ from these only in settings their own tests cover; every row of the study at this budget takes several
+minutes on the 2-core VM, mostly XLA compiles): one result per row, the table, the loss curves, a grid per row,
+and a second call that recomputes nothing."""
 import json
 import os
 import subprocess
@@ -20,8 +21,7 @@ def test_quick_study_writes_every_row_and_resumes(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from quant_study import ROWS
 
-    slugs = ["fp", "fp_sampling_seed_1", "terdit", "bitnet_b1_58_dit", "terdit_w1_58a8", "rtn_w4a8", "ptq4dit_w4a8",
-             "tq_dit_w6a6"]
+    slugs = ["fp", "fp_sampling_seed_1", "terdit", "ptq4dit_w4a8", "tq_dit_w6a6"]
     rows = [r.name for r in ROWS if r.slug in slugs]
     assert len(rows) == len(slugs)
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "quant_study.py"), "--out", str(tmp_path), "--quick",

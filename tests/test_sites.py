@@ -1,4 +1,4 @@
-"""Quantization sites: identity by default (bit-identical to the model before sites existed), a quantizer kind
+"""Quantization sites: identity by default (the model before sites existed: the same program), a quantizer kind
 registered here quantizes exactly the sites its rules name without touching the model files, observers record
 tensors as NNX intermediates, and bad rules fail clearly."""
 import collections
@@ -67,14 +67,18 @@ def primitive_counts(jaxpr, counts):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_no_rules_is_bit_identical_to_the_model_before_sites_with_the_same_program(variant):
+def test_no_rules_is_the_model_before_sites_with_the_same_program(variant):
     """tests/data/identity_golden.* were written by the forward of commit 3ac247c (before sites, families and
-    the linear registry existed) on these inputs and these randomised parameters."""
+    the linear registry existed) on these inputs and these randomised parameters, on an AMD EPYC VM, where this
+    forward reproduces them bit for bit. XLA:CPU generates code for the host's vector units, so another CPU (an
+    Intel Xeon: 2e-5 of |out| ≤ 33) changes the last bits: the values are compared to float32 round-off, the
+    program exactly (the same primitives and the same number of compiled HLO instructions)."""
     apply, params = init_model(tiny_model_config(**VARIANTS[variant]), 0)
     params = randomised(params, 1)
     fn = lambda p, x, t, y: apply(p, x, t, y)  # noqa: E731
     out = np.asarray(jax.jit(fn)(params, *inputs()))
-    np.testing.assert_array_equal(out, np.load(GOLDEN + ".npz")[variant])
+    want = np.load(GOLDEN + ".npz")[variant]
+    np.testing.assert_allclose(out, want, rtol=0, atol=4e-6 * np.abs(want).max())
     golden = json.load(open(GOLDEN + ".json"))[variant]
     prims = primitive_counts(jax.make_jaxpr(fn)(params, *inputs()).jaxpr, collections.Counter())
     assert dict(prims) == golden["primitives"]

@@ -5,6 +5,7 @@ initialising quantizers (weights from themselves, activations unit by unit from 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import ml_collections
@@ -110,7 +111,7 @@ def uniform_rules(model_cfg, w_bits: int, a_bits: int, *, init: str, smooth_role
               "init": init}]
     quant_acts = a_bits < 16
     for role in smooth_roles:
-        path = BLOCK + role.replace(".", r"\.") + r"\.input"
+        path = BLOCK + re.escape(role) + r"\.input"
         rules.append({"path": path, "kind": "uniform", "bits": a_bits, "init": init, "smooth": True}
                      if quant_acts else {"path": path, "kind": "smooth"})
     if quant_acts:

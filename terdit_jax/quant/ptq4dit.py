@@ -20,6 +20,8 @@ unit where the official code reconstructs t_embedder.mlp.0 and .2 one after the 
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from scipy import stats
 
@@ -58,7 +60,7 @@ def csb_groups(model, roles: ptq.Roles) -> list[tuple[str, ...]]:
 def salience(fp_cfg, fp_values: dict, calib, groups, *, log=print, batch_size: int = 64) -> dict[str, np.ndarray]:
     """{first linear of a group: per-sample channel salience (n, C)} from a full-precision pass over the
     statistics subset, with observers (max |x| over tokens) on each group's input."""
-    rules = tuple({"path": g[0].replace(".", r"\.") + r"\.input", "kind": "observe", "reduce": "channel_absmax"}
+    rules = tuple({"path": re.escape(g[0]) + r"\.input", "kind": "observe", "reduce": "channel_absmax"}
                   for g in groups)
     model = ptq.host_model(ptq.with_sites(fp_cfg, rules), fp_values)
     carry, seen = ptq.calib_carry(calib, calib.init), {}

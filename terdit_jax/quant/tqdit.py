@@ -85,10 +85,6 @@ def layers_of(unit, roles) -> list[Layer]:
     return block_layers(roles) if unit.kind == "block" else HEAD_LAYERS.get(unit.kind, [])
 
 
-def _esc(path: str) -> str:
-    return path.replace(".", r"\.")
-
-
 def tq_rules(fp_cfg, q) -> tuple:
     """The sites TQ-DiT quantizes and how (module docstring). Regexes are block-generic."""
     roles, w, a = ptq.roles(fp_cfg), int(q.w_bits), int(q.a_bits)
@@ -100,17 +96,17 @@ def tq_rules(fp_cfg, q) -> tuple:
              {"path": r"final_layer\.linear\.weight", **sym, "bits": w},
              {"path": r"final_layer\.linear\.input", **sym, "bits": a, "time_groups": g_all}]
     if gelu:  # fused qkv: one scale per q/k/v third
-        rules.append({"path": ptq.BLOCK + _esc(roles.attn_in[0]) + r"\.weight", **sym, "bits": w,
+        rules.append({"path": ptq.BLOCK + re.escape(roles.attn_in[0]) + r"\.weight", **sym, "bits": w,
                       "granularity": "block", "axis": -1, "group_size": int(fp_cfg.dim)})
-    att = _esc(roles.attention)
+    att = re.escape(roles.attention)
     probs = ({"kind": "mrq_softmax", "bits": a} if q.mrq else {"kind": "uniform", "bits": a, "zero_point": False})
     rules += [{"path": ptq.BLOCK + att + r"\.(q|k|v)", **sym, "bits": a, "granularity": "channel", "axis": 2,
                "time_groups": g_all},
               {"path": ptq.BLOCK + att + r"\.probs", **probs, "time_groups": g}]
     if q.mrq and (gelu or q.swiglu_mrq):
-        rules.append({"path": ptq.BLOCK + _esc(roles.mlp_out[0]) + r"\.input", "kind": "mrq_gelu" if gelu else
+        rules.append({"path": ptq.BLOCK + re.escape(roles.mlp_out[0]) + r"\.input", "kind": "mrq_gelu" if gelu else
                       "mrq_signed", "bits": a, "time_groups": g_all})
-    linears = "|".join(_esc(r) for r in roles.attn_in + roles.attn_out + roles.mlp_in + roles.mlp_out)
+    linears = "|".join(re.escape(r) for r in roles.attn_in + roles.attn_out + roles.mlp_in + roles.mlp_out)
     rules += [{"path": ptq.BLOCK + f"(?:{linears})" + r"\.weight", **sym, "bits": w},
               {"path": ptq.BLOCK + f"(?:{linears})" + r"\.input", **sym, "bits": a, "time_groups": g_all}]
     return tuple(rules)
@@ -123,7 +119,7 @@ def variant_rules(final_rules: tuple, layers: list[Layer], k: int, prefix: str) 
         concrete = prefix + role
         return next((r for r in final_rules if re.fullmatch(r["path"], concrete)), None)
 
-    generic = (lambda role: ptq.BLOCK + _esc(role)) if prefix else _esc
+    generic = (lambda role: ptq.BLOCK + re.escape(role)) if prefix else re.escape
     out = [{"path": generic(s), "kind": "observe"} for s in (layers[k].a, layers[k].b) if not s.endswith(".weight")]
     for layer in layers[:k]:
         for role in (layer.a, layer.b):
@@ -168,7 +164,7 @@ def fisher_weights(fp_cfg, fp_values, outs: list[str], carry: Carry, targets: np
     """{output site: g² (E, ...)}: squared gradients of the FP denoising loss at each site in `outs` (Probes)."""
     if not hasattr(nnx, "capture"):
         raise RuntimeError("TQ-DiT's Fisher weights need flax >= 0.12.8 (nnx.capture); use quant.ho='mse'")
-    rules = tuple({"path": _esc(p), "kind": "probe"} for p in outs)
+    rules = tuple({"path": re.escape(p), "kind": "probe"} for p in outs)
     model = ptq.host_model(ptq.with_sites(fp_cfg, rules), fp_values)
     graphdef, state = nnx.split(model)
     state = to_device(state)
