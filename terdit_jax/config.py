@@ -5,6 +5,8 @@ result and fills the derived fields (`model.cond_dim`, `model.out_channels`, `mo
 """
 from __future__ import annotations
 
+import re
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -25,6 +27,7 @@ from terdit_kernels.ops import BACKENDS
 from terdit_kernels.reference import ACT_DTYPES
 
 DTYPES = ("float32", "bfloat16", "float16")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # one folder name: no separator, no leading '.' (so not '..')
 
 
 class ConfigError(ValueError):
@@ -60,7 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.ternary_gamma = "global"  # γ = mean|W| of the whole matrix; "shard": per tensor-parallel shard (official fairscale)
     m.adaln_norm = True  # TerDiT's RMSNorm after the adaLN linear; False = the paper's ablation baseline
     m.dtype = "bfloat16"  # compute dtype; parameters and the quantizer stay float32
-    m.packed_act_dtype = "bf16"  # linear="packed": activations of the 2-bit matmul, bf16 (W2A16), f32 or int8 (W2A8)
+    # linear="packed": activations of the 2-bit matmul, bf16 (W2A16), f32 or int8 (W2A8); "" = what the export was
+    # trained with (bf16 for W1.58A16, int8 for W1.58A8)
+    m.packed_act_dtype = ""
     m.packed_backend = "auto"  # linear="packed": "auto" (Pallas on GPU, XLA elsewhere), "pallas" or "xla"
     m.act_bits = 16  # ternary / bitnet kinds: 8 quantizes each linear's input to per-token int8 (W1.58A8), 16 = not
     m.bitnet_norm = "rms"  # linear="bitnet": the norm inside BitLinear, "rms" (b1.58 code) or "layer" (BitNet v1)
@@ -131,14 +136,14 @@ def base_config() -> ml_collections.ConfigDict:
     s.seed = 0
     s.step = -1  # checkpoint step to sample from; -1 = newest
     s.packed_path = ""  # sample from a packed export (--mode export, or an imported official checkpoint) instead
-    s.quantized = ""  # sample a quantized model: <workdir>/quantized/<name> written by --mode quantize
+    s.quantized = ""  # sample a quantized model: the name of <workdir>/quantized/<name> written by --mode quantize
 
     # Post-training quantization (--mode quantize): a full-precision model → <workdir>/quantized/<method>_w<W>a<A>.
     c.quant = q = ml_collections.ConfigDict()
     q.method = ""  # quant.methods.METHODS: "rtn", "ptq4dit", "tqdit"
     q.w_bits = 8  # weight bits, 2..16
     q.a_bits = 8  # activation bits, 2..16 (16 = activations left in full precision)
-    q.name = ""  # folder under <workdir>/quantized/; "" = <method>_w<W>a<A>
+    q.name = ""  # folder name under <workdir>/quantized/ (one name, not a path); "" = <method>_w<W>a<A>
     # Calibration set: the full-precision model's own trajectories (PTQ4DiT §2.3), with the sampler and step
     # count of config.sample. 25 steps × 32 latents × {class, null class} at 256 px.
     q.calib_steps = 25
@@ -204,7 +209,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of("model.alpha_init", m.alpha_init, ALPHA_INITS)
     _one_of("model.dtype", m.dtype, DTYPES)
     _one_of("model.ternary_gamma", m.ternary_gamma, GAMMA_MODES)
-    _one_of("model.packed_act_dtype", m.packed_act_dtype, tuple(ACT_DTYPES))
+    _one_of("model.packed_act_dtype", m.packed_act_dtype, ("", *ACT_DTYPES))
     _one_of("model.packed_backend", m.packed_backend, BACKENDS)
     _one_of("model.prediction", m.prediction, PREDICTIONS)
     _one_of("model.act_bits", m.act_bits, ACT_BITS)
@@ -235,6 +240,10 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("sample.num_steps", f"{s.num_steps} must lie in 1..{c.diffusion.num_timesteps}")
     if s.batch_size < 1:
         _fail("sample.batch_size", f"{s.batch_size} must be positive")
+    if s.packed_path and s.quantized:
+        _fail("sample", f"packed_path={s.packed_path!r} and quantized={s.quantized!r} both name a model to sample; "
+              "set one of them")
+    _check_name("sample.quantized", s.quantized)
     _check_quant(c.quant)
     with c.unlocked():
         m.sites = tuple(dict(r) for r in (m.sites or ()))
@@ -244,9 +253,18 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def _check_name(field: str, name: str):
+    """A quantized model's name is one folder under <workdir>/quantized/, never a path (a path could name, and
+    replace, any folder)."""
+    if name and (not NAME.fullmatch(name) or name.endswith(".partial")):
+        _fail(field, f"{name!r} is not a name: use one folder name under <workdir>/quantized/ made of letters, "
+              "digits, '.', '_' and '-' (no '/', no '..', not ending in '.partial'), e.g. ptq4dit_w4a8_fast")
+
+
 def _check_quant(q):
     if q.method:
         _one_of("quant.method", q.method, METHODS.names())
+    _check_name("quant.name", q.name)
     for field in ("w_bits", "a_bits"):
         if not 2 <= q[field] <= 16:
             _fail(f"quant.{field}", f"{q[field]} is outside 2..16 (16 leaves that side in full precision)")
@@ -258,6 +276,9 @@ def _check_quant(q):
     for field in ("calib_steps", "calib_latents", "recon_batch_size", "time_groups", "search_rounds", "alpha_grid"):
         if q[field] < 1:
             _fail(f"quant.{field}", f"{q[field]} must be positive")
+    if q.recon_iters < 1:
+        _fail("quant.recon_iters", f"{q.recon_iters} must be positive (iterations per unit); "
+              "--config.quant.recon=False skips the reconstruction")
     if q.calib_latents % 2:
         _fail("quant.calib_latents", f"{q.calib_latents} must be even (two latents per class and group)")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -130,8 +129,7 @@ def write_packed(out_dir: str, state: nnx.State, model_cfg, *, label_order: str 
         raise ExportError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     cfg = packed_model_config(model_cfg)
     act_bits = int(cfg.get("act_bits", 16))
-    if act_bits == 8:  # the manifest's own compute setting agrees with what the model was trained for
-        cfg.packed_act_dtype = "int8"
+    cfg.packed_act_dtype = TRAINED_ACT_DTYPES[act_bits][0]  # the manifest's own setting: what was trained
     flat = trees.flat(state)
     ternary = sorted(k[:-len(".packed")] for k in flat if k.endswith(".packed"))
     nbytes = int(sum(v.nbytes for v in flat.values()))
@@ -145,9 +143,7 @@ def write_packed(out_dir: str, state: nnx.State, model_cfg, *, label_order: str 
         "source": source or {},
     }
     manifest = json.loads(json.dumps(manifest))  # exactly what a reader gets back (tuples become lists)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    tmp = trees.staging_dir(out_dir)
     try:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), trees.nested(state))
@@ -225,23 +221,21 @@ def packed_act_dtype_for(arch: dict, runtime=None) -> str:
     """The packed activation dtype to sample an export with: arch is its manifest's model config, runtime the user's
     model config (or a dict of its fields; None = the manifest's own settings).
 
-    An A16 export runs `packed_act_dtype` if it is 'bf16' or 'f32'. An A8 export runs 'int8', also when
-    `packed_act_dtype` is the default 'bf16' (which therefore cannot ask for float activations). Other activations
-    than trained (int8 on an A16 export, bf16/f32 on an A8 one) run only with `packed_act_force`; without it, int8
-    on A16 or f32 on A8 is an ExportError, as is an act_bits this code cannot run.
+    An empty `packed_act_dtype` (the default) runs what the export was trained with: bf16 for an A16 export (or
+    the manifest's own setting), int8 for an A8 one. An A16 export runs 'bf16' or 'f32' when asked. Other
+    activations than trained (int8 on an A16 export, bf16/f32 on an A8 one) run only with `packed_act_force`;
+    without it they are an ExportError, as is an act_bits this code cannot run.
     """
     runtime = {} if runtime is None else (runtime.to_dict() if hasattr(runtime, "to_dict") else dict(runtime))
     bits = arch.get("act_bits", ADDED_MODEL_FIELDS["act_bits"])
     if bits not in ACT_BITS:
         raise ExportError(f"the export was trained with act_bits={bits!r}; this sampler runs activations of "
                           f"{' or '.join(map(str, ACT_BITS))} bits only")
-    asked = str(runtime.get("packed_act_dtype") or arch.get("packed_act_dtype") or "bf16")
+    asked = str(runtime.get("packed_act_dtype") or arch.get("packed_act_dtype") or TRAINED_ACT_DTYPES[bits][0])
     if asked not in packed_lib.ACT_DTYPES:
         raise ExportError(f"model.packed_act_dtype={asked!r} is not one of {packed_lib.ACT_DTYPES}")
     if asked in TRAINED_ACT_DTYPES[bits] or runtime.get("packed_act_force"):
         return asked
-    if bits == 8 and asked == "bf16":  # the default: nothing was asked, so the trained int8 path
-        return "int8"
     raise ExportError(f"the export was trained with {ACTIVATIONS[bits]} but model.packed_act_dtype={asked!r} runs "
                       f"arithmetic it never saw; use {' or '.join(TRAINED_ACT_DTYPES[bits])}, or set "
                       "model.packed_act_force=True to sample it that way on purpose")

@@ -81,6 +81,18 @@ def fill(abstract: nnx.State, lookup: Callable) -> tuple[nnx.State, list[str], l
     return nnx.from_flat_state(leaves), missing, bad
 
 
+def staging_dir(out_dir: str) -> str:
+    """A new empty sibling folder of `out_dir` to write into before `publish_dir`, with the permissions a plain
+    mkdir gives (mkdtemp's 0700 would follow the folder to its final name)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def publish_dir(tmp: str, out_dir: str) -> None:
     """Move the finished folder `tmp` to `out_dir` by renames, replacing what is there (the caller decides whether
     it may): out_dir is absent only between two renames, never half written."""

@@ -189,11 +189,12 @@ def test_sampling_follows_the_exports_activation_precision_and_refuses_a_mismatc
     _, apply8, params8, a8, _ = _export(KINDS["ternary_act8"], tmp_path, "a8")
     _, apply16, params16, a16, m16 = _export({}, tmp_path, "a16")
     assert m16["act_bits"] == 16 and m16["model"]["packed_act_dtype"] == "bf16"
-    cfg, apply_p, params_p, _, _ = load_for_sampling(user(a8), str(tmp_path))  # the user's default bf16: not told
+    cfg, apply_p, params_p, _, _ = load_for_sampling(user(a8), str(tmp_path))  # nothing asked: the export's int8
     assert cfg.model.packed_act_dtype == "int8" and cfg.model.act_bits == 8
     int8_out = np.asarray(jax.jit(apply_p)(params_p, *inputs()))
-    with pytest.raises(export.ExportError, match="trained with per-token absmax int8.*packed_act_force"):
-        load_for_sampling(user(a8, packed_act_dtype="f32"), str(tmp_path))
+    for asked in ("f32", "bf16"):  # an explicit bf16 is asked for as much as f32 is
+        with pytest.raises(export.ExportError, match="trained with per-token absmax int8.*packed_act_force"):
+            load_for_sampling(user(a8, packed_act_dtype=asked), str(tmp_path))
     with pytest.raises(export.ExportError, match=r"trained with compute dtype \(W1.58A16\).*'int8'"):
         load_for_sampling(user(a16, packed_act_dtype="int8"), str(tmp_path))
     # on purpose, with the flag: both directions run, and the arithmetic is the one asked for

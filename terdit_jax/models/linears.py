@@ -44,7 +44,7 @@ def _packed(in_features, out_features, cfg, *, kernel_init, **kw):
     # Values come from an export, so the initialiser is unused; the matmul settings come from the config. A BitNet
     # export keeps BitLinear's (parameter-free) input norm.
     norm = cfg.get("bitnet_norm", "rms") if cfg.get("packed_from", "ternary") == "bitnet" else None
-    return PackedTernaryDense(in_features, out_features, act_dtype=cfg.get("packed_act_dtype", "bf16"),
+    return PackedTernaryDense(in_features, out_features, act_dtype=cfg.get("packed_act_dtype") or "bf16",
                               backend=cfg.get("packed_backend", "auto"), input_norm=norm, norm_eps=cfg.norm_eps,
                               **kw)
 
