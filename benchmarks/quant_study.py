@@ -197,6 +197,8 @@ def run_row(row: Row, seed: int, args, evaluator: Evaluator, log) -> dict:
     if row.kind == "ptq":
         log(f"[{row.name}] quantizing {workdir}")
         manifest = run_quantize_mode(config, workdir, log=lambda *_: None)
+        if manifest is None:  # SIGTERM: the resume point is kept
+            raise SystemExit("preempted; rerun the study to resume")
         result["method_seconds"] = round(sum(s["seconds"] for k, s in manifest["stages"].items()
                                              if k != "calibration set"), 2)
         result["host_peak_bytes"] = max(s["host_peak_increase_bytes"] for s in manifest["stages"].values())

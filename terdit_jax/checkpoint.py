@@ -225,18 +225,57 @@ class Checkpoints:
         self.manager.close()
 
 
+def _step(ckpt: Checkpoints, step: int) -> int:
+    """`step`, or the newest for -1; a clear error when the workdir has no such checkpoint."""
+    steps = ckpt.steps()
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first (--mode train) or pass the "
+                              "--workdir of a trained run")
+    step = steps[-1] if step < 0 else step
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}")
+    return step
+
+
+def stored_model(workdir: str, step: int = -1) -> tuple[int, dict, int | None]:
+    """(step, the model config saved with it, when it was committed in ns) of checkpoint `step` (-1 = newest) in
+    workdir/checkpoints. The commit time tells a checkpoint from another one of the same step (a run trained
+    again); it travels with the files when the workdir is copied. None where Orbax did not record it."""
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        step = _step(ckpt, step)
+        model = ckpt.meta(step).get("model", {})
+    finally:
+        ckpt.close()
+    try:
+        with open(os.path.join(ckpt.directory, str(step), "_CHECKPOINT_METADATA")) as f:
+            committed = json.load(f).get("commit_timestamp_nsecs")
+    except (OSError, ValueError):
+        committed = None
+    return step, model, committed
+
+
+def adopt_architecture(config, stored: dict, what: str, *, ignore: tuple[str, ...] = (), log=print):
+    """`config` with the architecture of a stored model (`stored`: the model config of a checkpoint or a
+    manifest), which is what the weights are; the config keeps its compute settings (RUNTIME_MODEL_FIELDS).
+    Where the two differ (fields in `ignore` aside) one line says so and that `what` wins."""
+    have, want = model_signature(stored), model_signature(config.model)
+    diff = sorted(k for k in set(have) | set(want) if k not in ignore and have.get(k) != want.get(k))
+    if not diff:
+        return config
+    log(f"note: {what} decides the architecture where the config differs: "
+        + ", ".join(f"model.{k}={have.get(k)!r} (config: {want.get(k)!r})" for k in diff))
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.model = ml_collections.ConfigDict({**config.model.to_dict(), **have})
+    return out
+
+
 def load_ema(config, workdir: str, step: int = -1):
     """EMA params of checkpoint `step` (-1 = newest) in workdir/checkpoints, on the first local device, read
     without the optimizer state (2× the model for Adam) → (apply, params, step)."""
     ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        steps = ckpt.steps()
-        if not steps:
-            raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first (--mode train) or pass the "
-                                  "--workdir of a trained run")
-        step = steps[-1] if step < 0 else step
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}")
+        step = _step(ckpt, step)
         apply, abstract = train_state.abstract_state(config)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         ema = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract["ema"])

@@ -11,12 +11,12 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
-from terdit_jax.checkpoint import load_ema
+from terdit_jax.checkpoint import adopt_architecture, load_ema, stored_model
 from terdit_jax.config import finalize, sample_labels
 from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.diffusion.samplers import sample
 from terdit_jax.eval.adm_npz import write_adm_batch
-from terdit_jax.export import load_packed
+from terdit_jax.export import load_packed, read_manifest as read_packed_manifest
 from terdit_jax.labels import to_model_labels
 from terdit_jax.model_fn import bind
 from terdit_jax.quant import checkpoint as qckpt
@@ -94,36 +94,68 @@ def latent_decoder(config):
 
 @dataclasses.dataclass(frozen=True)
 class Artifact:
-    """A kind of stored model sampling can draw from: `requested(config)` says whether the config asks for it,
-    `load(config, workdir)` → (config, apply, params, step, to_model_labels)."""
+    """A kind of stored model sampling can draw from: `requested(config)` says whether the config asks for it;
+    `identify(config, workdir)` → which one exactly, read cheaply from its manifest or metadata (a dict with
+    `kind`, `what` (words for logs) and what tells it from another model of the same name: its manifest's hash,
+    or a checkpoint's commit time), failing as `load` would; `load(config, workdir, log)` → (config, apply,
+    params, step, to_model_labels)."""
     requested: Callable[[ml_collections.ConfigDict], bool]
+    identify: Callable
     load: Callable
 
 
-def _load_checkpoint(config, workdir: str):
+def _identify_checkpoint(config, workdir: str) -> dict:
+    step, _, committed = stored_model(workdir, config.sample.step)
+    return {"kind": "checkpoint", "what": f"checkpoint step {step} of {os.path.abspath(workdir)}", "step": step,
+            "committed": committed}
+
+
+def _load_checkpoint(config, workdir: str, log=print):
     """The EMA weights of the workdir's newest training checkpoint (or `sample.step`)."""
     apply, params, step = load_ema(config, workdir, config.sample.step)
     return config, apply, params, step, lambda labels: np.asarray(labels, np.int32)
 
 
-def _load_packed(config, workdir: str):
+def _identify_packed(config, workdir: str) -> dict:
+    path = os.path.abspath(config.sample.packed_path)
+    manifest = read_packed_manifest(path)
+    return {"kind": "packed", "what": f"the packed export {path}", "path": path,
+            "manifest": qckpt.manifest_id(path), "step": int(manifest.get("source", {}).get("step", 0))}
+
+
+def _load_packed(config, workdir: str, log=print):
     """A packed export at `sample.packed_path`: the architecture from its manifest, the compute settings
     (dtype, packed activation precision, backend) from the config. The activation precision must be what the
     export was trained with (an A8 export samples on the int8 path unasked); `model.packed_act_force` overrides
     that on purpose (`export.packed_act_dtype_for`). The returned config holds the precision used."""
-    apply, params, model_cfg, manifest = load_packed(config.sample.packed_path, config.model)
+    path = config.sample.packed_path
+    adopt_architecture(config, read_packed_manifest(path)["model"], f"the packed export {path}",
+                       ignore=("sites", "linear", "packed_from"), log=log)
+    apply, params, model_cfg, manifest = load_packed(path, config.model)
     packed = ml_collections.ConfigDict(config.to_dict())
     packed.model = ml_collections.ConfigDict({**model_cfg, "name": "custom"})
     step = int(manifest.get("source", {}).get("step", 0))
     return finalize(packed), apply, params, step, lambda labels: to_model_labels(labels, manifest)
 
 
-def _load_quantized(config, workdir: str):
+def _identify_quantized(config, workdir: str) -> dict:
+    name = config.sample.quantized
+    path = qckpt.model_dir(workdir, name)
+    manifest = qckpt.read_manifest(path)
+    bits, step = manifest.get("bits", {}), int(manifest["source"]["step"])
+    return {"kind": "quantized", "what": f"the quantized model {name} ({manifest.get('method')} "
+            f"W{bits.get('weights')}A{bits.get('activations')} of step {step})", "name": name, "path": path,
+            "manifest": qckpt.manifest_id(path), "method": manifest.get("method"), "bits": bits, "step": step}
+
+
+def _load_quantized(config, workdir: str, log=print):
     """A quantized model <workdir>/quantized/<sample.quantized> (--mode quantize): its architecture and site rules
-    from its manifest, which must match the config's architecture (and method, when the config names one)."""
+    from its manifest (one line says where the config differs), of the config's method when the config names
+    one."""
     path = qckpt.model_dir(workdir, config.sample.quantized)
-    qckpt.check_matches(qckpt.read_manifest(path), config, path)
-    qckpt.check_sampler(qckpt.read_manifest(path), config, path)
+    manifest = qckpt.read_manifest(path)
+    config = qckpt.check_matches(manifest, config, path, log=log)
+    qckpt.check_sampler(manifest, config, path)
     apply, params, model_cfg, manifest = qckpt.load_quantized(path, config.model)
     quantized = ml_collections.ConfigDict(config.to_dict())
     quantized.model = ml_collections.ConfigDict(model_cfg)
@@ -137,35 +169,51 @@ def artifact_tag(config) -> str:
     return config.sample.quantized or ("packed" if config.sample.packed_path else "")
 
 
+def sampling_tag(config) -> str:
+    """What made a set of samples, for file names: sampler, step count and guidance ('ddim50_cfg4')."""
+    s = config.sample
+    return f"{s.sampler}{s.num_steps}_cfg{s.cfg_scale:g}"
+
+
 # Tried in order; the first the config asks for is loaded (a training checkpoint when nothing else is asked for).
 ARTIFACTS: Registry[Artifact] = Registry("model artifact", {
-    "quantized": Artifact(lambda c: bool(c.sample.quantized), _load_quantized),
-    "packed": Artifact(lambda c: bool(c.sample.packed_path), _load_packed),
-    "checkpoint": Artifact(lambda c: True, _load_checkpoint),
+    "quantized": Artifact(lambda c: bool(c.sample.quantized), _identify_quantized, _load_quantized),
+    "packed": Artifact(lambda c: bool(c.sample.packed_path), _identify_packed, _load_packed),
+    "checkpoint": Artifact(lambda c: True, _identify_checkpoint, _load_checkpoint),
 })
 
 
-def load_for_sampling(config, workdir: str):
+def _requested(config) -> Artifact:
+    return ARTIFACTS.get(next(n for n in ARTIFACTS if ARTIFACTS.get(n).requested(config)))
+
+
+def identify_model(config, workdir: str) -> dict:
+    """Which stored model `--mode sample|eval` would draw from (see `Artifact.identify`)."""
+    return _requested(config).identify(config, workdir)
+
+
+def load_for_sampling(config, workdir: str, *, log=print):
     """The model `--mode sample` and `--mode eval` draw from → (config, apply, params, step, to_model_labels).
 
     to_model_labels maps ImageNet class indices to the labels the model was trained with (the released TerDiT
     weights use the string-sorted folder order).
     """
-    name = next(n for n in ARTIFACTS if ARTIFACTS.get(n).requested(config))
-    return ARTIFACTS.get(name).load(config, workdir)
+    return _requested(config).load(config, workdir, log)
 
 
 def run_sample_mode(config, workdir: str, *, log=print) -> dict:
-    """--mode sample: labels from config.sample → samples/sample_<step>.png and .npz (ADM layout)."""
-    config, apply, params, step, model_labels = load_for_sampling(config, workdir)
+    """--mode sample: labels from config.sample → samples/sample_[<model>_]<step>_<sampler><steps>_cfg<scale>.png
+    and .npz (ADM layout), named by what made them so that other settings never overwrite them."""
+    what = identify_model(config, workdir)["what"]
+    config, apply, params, step, model_labels = load_for_sampling(config, workdir, log=log)
     labels = sample_labels(config)
-    log(f"sampling {len(labels)} images from step {step} ({config.sample.sampler}, {config.sample.num_steps} steps, "
+    log(f"sampling {len(labels)} images from {what} ({config.sample.sampler}, {config.sample.num_steps} steps, "
         f"cfg {config.sample.cfg_scale})")
     images = generate(apply, params, model_labels(labels), config, jax.random.key(config.sample.seed),
                       decode=latent_decoder(config), progress=True)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     tag = artifact_tag(config)
-    base = os.path.join(workdir, "samples", f"sample_{tag + '_' if tag else ''}{step:07d}")
+    base = os.path.join(workdir, "samples", f"sample_{tag + '_' if tag else ''}{step:07d}_{sampling_tag(config)}")
     save_grid(base + ".png", images, labels)
     write_adm_batch(base + ".npz", images, np.asarray(labels, np.int64))
     return {"grid": base + ".png", "npz": base + ".npz"}

@@ -48,7 +48,7 @@ def test_demo_writes_checkpoint_metrics_tensorboard_and_grid(demo_run):
 def test_sample_mode_writes_adm_npz_and_grid(demo_run):
     workdir, _ = demo_run
     r = cli("--workdir", workdir, "--mode", "sample", *TINY)
-    npz = os.path.join(workdir, "samples", "sample_0000004.npz")
+    npz = os.path.join(workdir, "samples", "sample_0000004_ddim3_cfg4.npz")
     assert npz in r.stdout
     data = np.load(npz)
     assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (20, 28, 28, 1)
@@ -120,7 +120,7 @@ def test_imagenet_path_end_to_end_with_a_tiny_vae(tmp_path):
     assert "complete: True" in r.stdout
     cli(*common, "--config.train.steps=2", "--config.train.ckpt_every=2", "--config.train.log_every=1", cwd=root)
     r = cli(*common, "--mode", "sample", cwd=root)
-    images = np.load(os.path.join(tmp_path, "run", "samples", "sample_0000002.npz"))["arr_0"]
+    images = np.load(os.path.join(tmp_path, "run", "samples", "sample_0000002_ddpm2_cfg4.npz"))["arr_0"]
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
 
 

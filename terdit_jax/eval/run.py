@@ -2,6 +2,7 @@
 reference with the ADM metrics, and write a JSON report."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -35,17 +36,37 @@ def reference_for(config, workdir: str, *, log=print) -> str:
     return path
 
 
-def run_eval_mode(config, workdir: str, *, log=print) -> dict:
-    """Sample config.eval.num_samples images with uniformly random labels and score them. Returns the report."""
-    from terdit_jax.eval.evaluate import evaluate, generate_samples
-    from terdit_jax.sample import artifact_tag, generate, latent_decoder, load_for_sampling
+def samples_key(model: dict, config) -> dict:
+    """Everything the evaluation samples depend on: which model exactly (`sample.identify_model`, its paths
+    aside, so a moved workdir keeps its samples), the sampler settings and seed, the compute dtype."""
+    s, m = config.sample, config.model
+    return {"model": {k: v for k, v in model.items() if k not in ("what", "path")}, "sampler": s.sampler,
+            "num_steps": int(s.num_steps), "cfg_scale": float(s.cfg_scale), "cfg_channels": s.cfg_channels,
+            "seed": int(s.seed), "dtype": m.dtype, "packed_act_dtype": m.get("packed_act_dtype", ""),
+            "vae_path": config.data.vae_path if config.data.latent else ""}
 
-    reference = reference_for(config, workdir, log=log)
+
+def run_eval_mode(config, workdir: str, *, log=print) -> dict:
+    """Sample config.eval.num_samples images with uniformly random labels and score them. Returns the report.
+
+    The samples go to <workdir>/eval/<model>_step_<step>_<sampler><steps>_cfg<scale>_<id>/, where <id> hashes
+    `samples_key`: an interrupted evaluation resumes there, and a model quantized (or trained) again never
+    reuses another model's samples."""
+    from terdit_jax.eval.evaluate import evaluate, generate_samples
+    from terdit_jax.sample import artifact_tag, generate, identify_model, latent_decoder, load_for_sampling, \
+        sampling_tag
+
+    model = identify_model(config, workdir)  # a wrong name fails here, before the reference's Inception pass
     tag = artifact_tag(config)
-    config, apply, params, step, model_labels = load_for_sampling(config, workdir)
+    config, apply, params, step, model_labels = load_for_sampling(config, workdir, log=log)
+    reference = reference_for(config, workdir, log=log)
     s, n = config.sample, config.eval.num_samples
-    out_dir = os.path.join(workdir, "eval", f"{tag + '_' if tag else ''}step_{step:07d}_{s.sampler}{s.num_steps}_"
-                                            f"cfg{s.cfg_scale:g}")
+    key_fields = samples_key(model, config)
+    sid = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:10]
+    out_dir = os.path.join(workdir, "eval", f"{tag + '_' if tag else ''}step_{step:07d}_{sampling_tag(config)}_{sid}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "samples_key.json"), "w") as f:
+        json.dump(key_fields, f, indent=1)
     decode, key = latent_decoder(config), jax.random.key(s.seed)
 
     def sample_fn(start: int, count: int):  # deterministic in `start`, so an interrupted run resumes exactly
@@ -53,13 +74,13 @@ def run_eval_mode(config, workdir: str, *, log=print) -> dict:
         images = generate(apply, params, model_labels(labels), config, jax.random.fold_in(key, start), decode=decode)
         return images, labels
 
-    log(f"sampling {n} images from step {step} into {out_dir} (resumable) ...")
+    log(f"sampling {n} images from {model['what']} into {out_dir} (resumable) ...")
     npz = generate_samples(sample_fn, n, s.batch_size, os.path.join(out_dir, "parts"),
                            os.path.join(out_dir, f"samples_{n}.npz"))
     report = evaluate(npz, reference, weights_path=config.eval.inception_weights or None,
                       batch_size=config.eval.batch_size)
-    report.update(step=step, sampler=s.sampler, num_steps=s.num_steps, cfg_scale=s.cfg_scale, samples=npz,
-                  reference=reference)
+    report.update(model=model, step=step, sampler=s.sampler, num_steps=s.num_steps, cfg_scale=s.cfg_scale,
+                  seed=s.seed, samples=npz, reference=reference)
     path = os.path.join(out_dir, "report.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 
 import jax
 import numpy as np
@@ -63,15 +64,31 @@ class CalibSet:
 
     def save(self, path: str) -> None:
         tmp = path + ".tmp.npz"
-        np.savez(tmp, x=self.x, t=self.t, y=self.y, k=self.k, x0=self.x0, init=self.init,
-                 meta=np.asarray(json.dumps({"num_steps": self.num_steps, "fingerprint": self.fingerprint})))
-        os.replace(tmp, path)
+        try:
+            np.savez(tmp, x=self.x, t=self.t, y=self.y, k=self.k, x0=self.x0, init=self.init,
+                     meta=np.asarray(json.dumps({"num_steps": self.num_steps, "fingerprint": self.fingerprint})))
+            os.replace(tmp, path)
+        except BaseException:  # e.g. SIGTERM while writing: no half-written file stays behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str) -> "CalibSet":
-        with np.load(path) as f:
-            meta = json.loads(str(f["meta"]))
-            return cls(f["x"], f["t"], f["y"], f["k"], f["x0"], meta["num_steps"], f["init"], meta["fingerprint"])
+        """The set stored at `path`; CalibrationError when the file is not a complete calibration set."""
+        try:
+            with np.load(path) as f:
+                meta = json.loads(str(f["meta"]))
+                calib = cls(f["x"], f["t"], f["y"], f["k"], f["x0"], int(meta["num_steps"]), f["init"],
+                            meta["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise CalibrationError(f"{path} is not a readable calibration set ({type(e).__name__}: "
+                                   f"{str(e)[:200]})") from e
+        n = len(calib.t)
+        if not n or n % 4 or any(len(a) != n for a in (calib.x, calib.y, calib.k, calib.x0)) or not isinstance(
+                calib.fingerprint, dict):
+            raise CalibrationError(f"{path} is not a calibration set: its arrays or its fingerprint are malformed")
+        return calib
 
 
 def selected_steps(num_steps: int, count: int) -> list[int]:
@@ -145,17 +162,26 @@ def calibration_set(apply, params, config, source: dict, directory: str, *, log=
     """The calibration set of this model and these settings: read from `directory` (or quant.calib_path) when
     it was made already, else recorded and stored there, so all PTQ runs of one model share it."""
     fp = fingerprint(config, source)
-    path = config.quant.calib_path or os.path.join(directory, f"calibration_{fingerprint_id(fp)}.npz")
+    given = config.quant.calib_path
+    path = given or os.path.join(directory, f"calibration_{fingerprint_id(fp)}.npz")
+    calib = None
+    if given and not os.path.isfile(path):
+        raise CalibrationError(f"config.quant.calib_path={path!r} is not a file; leave it empty to record one")
     if os.path.exists(path):
-        calib = CalibSet.load(path)
-        if calib.fingerprint != json.loads(json.dumps(fp)):
-            diff = sorted(k for k in set(fp) | set(calib.fingerprint) if calib.fingerprint.get(k) != fp.get(k))
-            raise CalibrationError(f"the calibration set {path} was made from another model or other settings "
-                                   f"(differs in: {', '.join(diff)}); remove config.quant.calib_path or the file")
+        try:
+            calib = CalibSet.load(path)
+        except CalibrationError as e:
+            if given:  # the user's file: never replaced
+                raise CalibrationError(f"config.quant.calib_path: {e}; pass a calibration_<id>.npz written by "
+                                       "--mode quantize, or leave it empty to record one") from e
+            log(f"calibration: the cached set {e}; recording it again")  # a damaged cache: rebuilt
+    if calib is not None and calib.fingerprint != json.loads(json.dumps(fp)):
+        diff = sorted(k for k in set(fp) | set(calib.fingerprint) if calib.fingerprint.get(k) != fp.get(k))
+        raise CalibrationError(f"the calibration set {path} was made from another model or other settings "
+                               f"(differs in: {', '.join(diff)}); remove config.quant.calib_path or the file")
+    if calib is not None:
         log(f"calibration: reusing {path} ({len(calib)} entries)")
         return calib
-    if config.quant.calib_path:
-        raise FileNotFoundError(f"config.quant.calib_path={path!r} does not exist; leave it empty to record one")
     calib = record_trajectories(apply, params, config, fp, log=log)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     calib.save(path)

@@ -8,16 +8,17 @@ an interrupted `--mode quantize` resumes at the unit it was in.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import tempfile
+import zipfile
 
 import numpy as np
 from flax import nnx
 
 from terdit_jax import trees
-from terdit_jax.checkpoint import CheckpointError, model_signature
+from terdit_jax.checkpoint import CheckpointError, adopt_architecture
 from terdit_jax.export import runtime_model_config
 from terdit_jax.model_fn import MODEL_STATE, ApplyDiT
 from terdit_jax.models.families import abstract
@@ -37,6 +38,10 @@ def default_name(q) -> str:
 
 
 def model_dir(workdir: str, name: str) -> str:
+    """<workdir>/quantized/<name>; `name` must be one folder name (config.finalize says so first), never a path
+    that could point at, and replace, another folder."""
+    if not name or os.path.basename(name) != name or name in (".", "..") or name.endswith(".partial"):
+        raise QuantizedModelError(f"{name!r} is not a quantized model name (one folder name, no path)")
     return os.path.join(os.path.abspath(workdir), "quantized", name)
 
 
@@ -49,9 +54,7 @@ def write_quantized(out_dir: str, model, model_cfg, manifest: dict, *, overwrite
         raise QuantizedModelError(f"{out_dir} holds a quantized model already; pass --overwrite to replace it")
     manifest = json.loads(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION,
                                       "model": model_cfg.to_dict(), **manifest}))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    tmp = trees.staging_dir(out_dir)
     try:
         state = nnx.state(model, MODEL_STATE)
         with ocp.StandardCheckpointer() as ckptr:
@@ -82,20 +85,22 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def check_matches(manifest: dict, config, path: str) -> None:
-    """The quantized model must be of the config's architecture (its site rules aside), and of the config's
-    method when the config names one."""
-    want = {k: v for k, v in model_signature(config.model).items() if k != "sites"}
-    have = {k: v for k, v in model_signature(manifest["model"]).items() if k != "sites"}
-    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-    if diff:
-        lines = ", ".join(f"{k}: quantized {have.get(k)!r} vs config {want.get(k)!r}" for k in diff)
-        raise QuantizedModelError(f"{path} was quantized from another architecture ({lines}); use the config of "
-                                  "the model it came from")
+def check_matches(manifest: dict, config, path: str, *, log=print):
+    """`config` with the quantized model's architecture (its manifest wins, with one line where the config
+    differs; site rules are always the manifest's). The model must be of the config's method when the config
+    names one."""
     method = config.quant.method
     if method and method != manifest.get("method"):
         raise QuantizedModelError(f"{path} was made by {manifest.get('method')!r}, but config.quant.method is "
                                   f"{method!r}; drop the override or pick the matching model")
+    return adopt_architecture(config, manifest["model"], f"the quantized model {path}", ignore=("sites",), log=log)
+
+
+def manifest_id(path: str) -> str:
+    """A short hash of a model's manifest file: a model quantized again (even with the same settings) gets
+    another, because its manifest records when and how long every stage ran."""
+    with open(os.path.join(path, MANIFEST), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 def check_sampler(manifest: dict, config, path: str) -> None:
@@ -146,12 +151,18 @@ def save_progress(partial_dir: str, values: dict, progress: dict) -> None:
 
 
 def load_progress(partial_dir: str) -> tuple[dict, dict] | None:
-    """(values, progress) of an interrupted run, or None."""
+    """(values, progress) of an interrupted run, or None. A resume point that cannot be read (a truncated
+    state.npz, say) raises QuantizedModelError naming the file."""
     ppath = os.path.join(partial_dir, "progress.json")
     if not os.path.exists(ppath):
         return None
-    with open(ppath) as f:
-        progress = json.load(f)
-    with np.load(os.path.join(partial_dir, "state.npz")) as f:
-        values = {k.replace("/", "."): f[k] for k in f.files}
+    spath = os.path.join(partial_dir, "state.npz")
+    try:
+        with open(ppath) as f:
+            progress = json.load(f)
+        with np.load(spath) as f:
+            values = {k.replace("/", "."): f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # JSONDecodeError is a ValueError
+        raise QuantizedModelError(f"the resume point in {partial_dir} cannot be read ({type(e).__name__}: "
+                                  f"{str(e)[:200]})") from e
     return values, progress

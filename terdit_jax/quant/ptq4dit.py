@@ -21,6 +21,7 @@ unit where the official code reconstructs t_embedder.mlp.0 and .2 one after the 
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 from scipy import stats
@@ -148,7 +149,7 @@ def quantize(job) -> dict:
     if job.resume is not None:
         ptq.set_values(model, job.resume[0])
         done = int(job.resume[1]["done_units"])
-        job.log(f"resuming PTQ4DiT at unit {done} of {len(unit_list(model))} from {job.partial_dir}")
+        job.log(f"resuming PTQ4DiT at unit {done + 1} of {len(unit_list(model))} from {job.partial_dir}")
     else:
         if q.csb:
             with job.stage("csb"):
@@ -171,21 +172,26 @@ def quantize(job) -> dict:
 
 
 def reconstruct_all(job, model, done: int) -> list[dict]:
-    """Reconstruct every unit from `done` on, saving the model after each (resume point)."""
+    """Reconstruct every unit from `done` on, saving the model after each (resume point). Returns every unit's
+    report, those of an interrupted run's units included."""
     q = job.config.quant
     fp = ptq.host_model(job.fp_cfg, job.fp_values)
     carry_q: Carry = ptq.calib_carry(job.calib)
     carry_fp = carry_q.copy()
     settings = ReconSettings(iters=int(q.recon_iters), batch_size=int(q.recon_batch_size), seed=int(q.calib_seed))
     units = unit_list(model)
-    report = []
+    report = list(job.resume[1].get("units", [])) if done else []
     for i, unit in enumerate(units):
         carry_fp_next = advance(fp, unit, carry_fp)
         if i >= done:
             job.log(f"reconstruction: unit {i + 1} of {len(units)} ({unit.name})")
+            t0 = time.perf_counter()
             r = reconstruct(model, unit, carry_q, target_of(unit, carry_fp_next), job.calib.groups(), settings,
                             desc=f"unit {i + 1}/{len(units)} {unit.name}")
-            report.append({"unit": unit.name, **r})
-            job.save(model, {"done_units": i + 1})
+            report.append({"unit": unit.name, "kind": unit.kind, **r, "seconds": round(time.perf_counter() - t0, 2)})
+            job.save(model, {"done_units": i + 1, "units": report})
+            if i + 1 < len(units):
+                job.log(f"reconstruction: unit {i + 1} took {report[-1]['seconds']:.0f} s; " + job.estimate(
+                    [(u["kind"], u["seconds"]) for u in report if "seconds" in u], [u.kind for u in units[i + 1:]]))
         carry_q, carry_fp = advance(model, unit, carry_q), carry_fp_next
     return report
