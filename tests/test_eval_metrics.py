@@ -298,3 +298,17 @@ def test_generate_samples_resumes_from_the_first_missing_sample(tmp_path):
     with np.load(out) as z:
         np.testing.assert_array_equal(z["arr_1"], np.arange(7))
         assert z["arr_0"][:, 0, 0, 0].tolist() == [0, 0, 0, 3, 3, 3, 6]
+
+
+def test_a_singular_covariance_product_gives_fid_without_a_warning():
+    """Features that are always 0 (dead pool_3 channels, few samples) make sigma1·sigma2 singular: ADM's
+    sqrtm(..., disp=False) returns quietly, and so does frechet_distance (scipy ≥ 1.16 warns instead)."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((20, 64)), rng.standard_normal((30, 64))
+    a[:, :8] = b[:, :8] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fid = metrics.frechet_distance(*metrics.feature_statistics(a), *metrics.feature_statistics(b))
+    assert np.isfinite(fid) and fid > 0

@@ -129,22 +129,23 @@ def evaluate(samples, reference, weights_path: str | None = None, out_json: str 
     if isinstance(samples, (str, os.PathLike)) and os.path.isfile(samples):
         smp_stats = adm_npz.read_stats(os.fspath(samples))  # ADM also prefers a sample file's own stats
     smp_stats = smp_stats or _stats(acts)
-    print("computing metrics...")
-    result = {
-        "fid": metrics.frechet_distance(smp_stats["mu"], smp_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]),
-        "sfid": metrics.frechet_distance(smp_stats["mu_s"], smp_stats["sigma_s"], ref_stats["mu_s"],
-                                         ref_stats["sigma_s"]),
-        "inception_score": None, "precision": None, "recall": None,
-        "num_samples": int(len(acts["pool_3"])), "num_reference": n_ref,
-    }
-    if "logits" in acts:
-        result["inception_score"] = metrics.inception_score(metrics.softmax(acts["logits"]))
-    else:
-        result["inception_score_unavailable"] = NO_IS_REASON
-    if ref_pool is None:
-        result["precision_recall_unavailable"] = "the reference holds statistics only; P/R need its images (arr_0)"
-    else:
-        result["precision"], result["recall"] = metrics.precision_recall(ref_pool, acts["pool_3"])
+    result = {"inception_score": None, "precision": None, "recall": None,
+              "num_samples": int(len(acts["pool_3"])), "num_reference": n_ref}
+    with tqdm(total=4, desc="metrics", unit="metric") as bar:  # each sqrtm of a 2048² matrix takes seconds
+        for name, suffix in (("fid", ""), ("sfid", "_s")):
+            result[name] = metrics.frechet_distance(smp_stats["mu" + suffix], smp_stats["sigma" + suffix],
+                                                    ref_stats["mu" + suffix], ref_stats["sigma" + suffix])
+            bar.update()
+        if "logits" in acts:
+            result["inception_score"] = metrics.inception_score(metrics.softmax(acts["logits"]))
+        else:
+            result["inception_score_unavailable"] = NO_IS_REASON
+        bar.update()
+        if ref_pool is None:
+            result["precision_recall_unavailable"] = "the reference holds statistics only; P/R need its images (arr_0)"
+        else:
+            result["precision"], result["recall"] = metrics.precision_recall(ref_pool, acts["pool_3"])
+        bar.update()
     result["inception_weights"] = extractor.weights_path
     result["seconds"] = round(time.time() - t0, 2)
     if out_json:

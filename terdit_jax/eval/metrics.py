@@ -24,8 +24,11 @@ def feature_statistics(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
-    # scipy >= 1.16 deprecates `disp` (ADM calls sqrtm(..., disp=False) and discards the error estimate).
-    return linalg.sqrtm(a)
+    # ADM calls sqrtm(..., disp=False), which returns quietly for a singular product (fewer samples than feature
+    # dimensions make one); scipy >= 1.16 deprecates `disp` and warns instead, so the warning is silenced here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(a)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
