@@ -193,3 +193,24 @@ def test_manifest_is_valid_json_with_the_pack_format(tmp_path):
         m = json.load(f)
     assert m["pack_format"] == "terdit-k4-v1" and m["model"]["linear"] == "packed"
     assert len(m["ternary_layers"]) == L * 8  # wq wk wv wo w1 w2 w3 adaLN per block
+
+
+def test_cli_describes_a_model_that_is_not_a_preset_with_a_config_file(tmp_path, capsys):
+    """Without --config: one error line that says how (the command line cannot pass model_overrides); with a
+    config file that sets the model's fields: the export is written."""
+    from terdit_jax.convert.terdit_official import main
+
+    ckpt = write_official(tmp_path, synthetic_state_dict(False), False)
+    out = str(tmp_path / "packed")
+    with pytest.raises(SystemExit) as e:
+        main([ckpt, out])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert "'TinyTest_patch2'" in err and "--config FILE" in err and not os.path.exists(out)
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text("from terdit_jax.config import base_config\n\n\ndef get_config():\n    c = base_config()\n"
+                   f"    c.model.update(name='custom', dim={D}, n_layers={L}, n_heads={H}, multiple_of=16)\n"
+                   "    return c\n")
+    main([ckpt, out, "--config", str(cfg)])
+    assert "wrote " + out in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "manifest.json")))["model"]["dim"] == D

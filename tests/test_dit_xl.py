@@ -265,6 +265,23 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
         capsys, [str(tiny_file), str(tmp_path / "other")])
 
 
+@pytest.mark.parametrize("preset", ["DiT-XL/2", "DiT-S/2"])
+def test_the_printed_sample_command_can_be_pasted(preset, tmp_path, monkeypatch):
+    """Absolute paths (any working folder), no placeholder to edit, and it parses as the main flags."""
+    import shlex
+
+    c = dit_xl2_256.get_config()
+    c.model.name = preset
+    sample_config = conv.SHIPPED_CONFIGS[256] if preset == "DiT-XL/2" else None
+    monkeypatch.chdir(tmp_path)  # printed from another folder than the checkout
+    words = shlex.split(conv.sample_command({"config": finalize(c), "sample_config": sample_config}, "my run"))
+    assert "<" not in " ".join(words) and words[:3] == ["python", "-m", "terdit_jax.main"]
+    config_file, workdir = words[words.index("--config") + 1], words[words.index("--workdir") + 1]
+    assert os.path.isabs(config_file) and os.path.isfile(config_file)
+    assert workdir == str(tmp_path / "my run") and "--config.data.vae_path=vae/" in words
+    assert (f"--config.model.name={preset}" in words) == (preset != "DiT-XL/2")
+
+
 def test_unknown_family_and_dit_config_errors_name_the_field():
     c = base_config()
     c.model.family = "nope"

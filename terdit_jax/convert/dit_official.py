@@ -18,15 +18,16 @@ not hold a step yet. torch is needed only here (pip install 'terdit-jax[convert]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import re
+import shlex
 import sys
 
 import numpy as np
 
 from terdit_jax import trees
+from terdit_jax import convert
 from terdit_jax.convert import torch_module
 from terdit_jax.checkpoint import CheckpointError, Checkpoints
 from terdit_jax.config import ConfigError, finalize
@@ -150,15 +151,7 @@ def _what(info: dict) -> str:
 
 def load_config_file(path: str):
     """get_config() of a config file (as `python -m terdit_jax.main --config PATH` loads it)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {path}: no such config file (e.g. {SHIPPED_CONFIGS[256]})")
-    try:
-        spec = importlib.util.spec_from_file_location("_dit_convert_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config()
-    except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported the same way
-        raise ConversionError(f"could not load the config file {path} ({type(e).__name__}: {_one_line(e)})") from e
+    return convert.load_config_file(path, ConversionError)
 
 
 def default_config(info: dict, source: str):
@@ -284,15 +277,20 @@ def convert_official(ckpt_path: str, out_dir: str, *, config=None) -> dict:
 
 
 def sample_command(result: dict, out_dir: str) -> str:
-    """The `--mode sample` command for a converted workdir."""
+    """The `--mode sample` command for a converted workdir, ready to paste: absolute paths, quoted, and the VAE
+    folder as `vae/` (where the README's download command puts it)."""
     m, d = result["config"].model, result["config"].data
     cfg = result["sample_config"]
+    extra = ""
     if cfg is None:  # a preset other than XL/2: the 256 px config with this model's fields
-        cfg = SHIPPED_CONFIGS[256] + f" --config.model.name={m.name} --config.data.image_size={d.image_size}" + (
+        cfg = SHIPPED_CONFIGS[256]
+        extra = f" --config.model.name={m.name} --config.data.image_size={d.image_size}" + (
             f" --config.model.num_classes={m.num_classes}" if m.num_classes != 1000 else "") + (
             "" if m.learn_sigma else " --config.model.learn_sigma=False")
-    return (f"python -m terdit_jax.main --config {cfg} --workdir {out_dir} --mode sample "
-            "--config.data.vae_path=<diffusers SD-VAE folder, e.g. sd-vae-ft-mse>")
+    if cfg in SHIPPED_CONFIGS.values():
+        cfg = convert.shipped_config(os.path.basename(cfg))
+    return (f"python -m terdit_jax.main --config {shlex.quote(os.path.abspath(cfg))} --workdir "
+            f"{shlex.quote(os.path.abspath(out_dir))} --mode sample{extra} --config.data.vae_path=vae/")
 
 
 def main(argv=None):
@@ -312,6 +310,7 @@ def main(argv=None):
           f"{count_params(m):,} parameters ({count_params(m, trainable_only=True):,} trained + the fixed position "
           f"table), from {f'the {nested!r} weights of ' if nested else ''}{a.checkpoint}")
     print("sample with: " + sample_command(result, a.out))
+    print("  (vae/: the SD-VAE, `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir vae/`)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ The released models were trained on an ImageFolder with class folders "0".."999"
 string sort of the folder names (§3.1); the export records `label_order = "official_string_sorted"` and
 `labels.to_model_labels` maps ImageNet classes to model labels at sampling time.
 
-    python -m terdit_jax.convert.terdit_official CKPT_DIR OUT_DIR [--overwrite]
+    python -m terdit_jax.convert.terdit_official CKPT_DIR OUT_DIR [--overwrite] [--config FILE]
 
 torch is needed only here (pip install 'terdit-jax[convert]'); it is imported lazily.
 """
@@ -19,15 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 
 import numpy as np
 from flax import nnx
 
 import terdit_kernels
 from terdit_jax import trees
-from terdit_jax.convert import torch_module
-from terdit_jax.config import base_config, finalize
-from terdit_jax.export import abstract_packed, write_packed
+from terdit_jax.convert import load_config_file, torch_module
+from terdit_jax.config import ConfigError, base_config, finalize
+from terdit_jax.export import ExportError, abstract_packed, write_packed
 from terdit_jax.models.families import FAMILIES
 
 STATE_FILE = "consolidated_ema_ternary.00-of-01.pth"
@@ -119,9 +120,20 @@ def official_config(args: dict, model_overrides: dict | None = None):
         setattr(m, k, v)
     presets = FAMILIES.get("large_dit").presets
     if m.name != "custom" and m.name not in presets:
-        raise ConversionError(f"model {m.name!r} from {ARGS_FILE} is not one of {sorted(presets)}; pass "
-                              "model_overrides with name='custom' and dim/n_layers/n_heads")
-    return finalize(c)
+        raise ConversionError(f"model {m.name!r} from {ARGS_FILE} is not one of {sorted(presets)}; describe it "
+                              "with --config FILE, a config whose model sets name='custom' and dim, n_layers, "
+                              "n_heads (and multiple_of, ffn_dim_multiplier where they differ)")
+    try:
+        return finalize(c)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from e
+
+
+def config_overrides(path: str) -> dict:
+    """The model fields a config file sets (those that differ from the defaults): how `--config` describes a
+    model that is not a preset."""
+    given, default = load_config_file(path, ConversionError).model.to_dict(), base_config().model.to_dict()
+    return {k: v for k, v in given.items() if k in default and v != default[k]}
 
 
 def convert_state(sd: dict, model_cfg) -> nnx.State:
@@ -176,8 +188,15 @@ def main(argv=None):
     p.add_argument("ckpt_dir", help=f"folder with {ARGS_FILE} and {STATE_FILE}")
     p.add_argument("out_dir", help="packed export to write (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--config", default=None, help="config file describing a model that is not a preset (its "
+                   "model fields that differ from the defaults replace those of model_args.pth)")
     a = p.parse_args(argv)
-    manifest = convert_official(a.ckpt_dir, a.out_dir, overwrite=a.overwrite)
+    try:
+        overrides = config_overrides(a.config) if a.config else None
+        manifest = convert_official(a.ckpt_dir, a.out_dir, model_overrides=overrides, overwrite=a.overwrite)
+    except (ConversionError, ExportError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {a.out_dir}: {manifest['model']['name']}, {manifest['nbytes'] / 1e9:.3f} GB, "
           f"labels {manifest['label_order']}")
 
