@@ -1,7 +1,9 @@
 """The embedded demo (the default): a small ternary DiT on 4,500 real MNIST digits, pixel space, 2-core CPU.
 
     python -m terdit_jax.main                            # ~10 minutes: train, labelled grid, quality numbers
-    python -m terdit_jax.main --config.model.linear=fp   # its full-precision twin
+    python -m terdit_jax.main --config.model.linear=fp --workdir runs/demo_fp   # its full-precision twin
+    python -m terdit_jax.main --workdir runs/demo_fp --mode quantize --config.quant.method=ptq4dit \
+        --config.quant.w_bits=4 --config.quant.a_bits=8                           # the twin, post-training quantized
 
 Differences from the paper's recipe, all because the budget is ~3,400 steps on a CPU instead of ~1M on GPUs:
 v-prediction instead of ε (model.prediction), a fixed 2-D sin-cos position table next to RoPE (model.pos_embed;
@@ -55,4 +57,9 @@ def get_config():
 
     c.eval.batch_size = 80  # the grid's 80 samples in one Inception batch
     c.eval.digits_reference_size = 200  # Inception runs at ~4 images/s on 2 cores: keep the demo within 10 min
+    c.eval.num_samples = 500  # --mode eval: FID-50K would take hours of CPU Inception
+
+    # --mode quantize of the full-precision twin: 2,000 reconstruction iterations per unit (the study's budget, a
+    # tenth of PTQ4DiT's 20,000, which would take hours on a CPU)
+    c.quant.recon_iters = 2000
     return c

@@ -207,8 +207,8 @@ def run_sample_mode(config, workdir: str, *, log=print) -> dict:
     what = identify_model(config, workdir)["what"]
     config, apply, params, step, model_labels = load_for_sampling(config, workdir, log=log)
     labels = sample_labels(config)
-    log(f"sampling {len(labels)} images from {what} ({config.sample.sampler}, {config.sample.num_steps} steps, "
-        f"cfg {config.sample.cfg_scale})")
+    log(f"sampling {len(labels)} images from {what} with {config.sample.sampler}, {config.sample.num_steps} steps, "
+        f"cfg {config.sample.cfg_scale}")
     images = generate(apply, params, model_labels(labels), config, jax.random.key(config.sample.seed),
                       decode=latent_decoder(config), progress=True)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)

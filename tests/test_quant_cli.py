@@ -3,6 +3,7 @@ resume bookkeeping, the architecture taken from the checkpoint, evaluation sampl
 made them, and sample file names. One tiny full-precision workdir (random weights) serves every test."""
 import json
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -19,7 +20,7 @@ from terdit_jax.config import ConfigError, finalize
 from terdit_jax.model_fn import init_model
 from terdit_jax.quant import checkpoint as qckpt
 from terdit_jax.quant.calibration import CalibSet
-from terdit_jax.quant.run import QuantizeError, run_quantize_mode, settings_of
+from terdit_jax.quant.run import Job, QuantizeError, run_quantize_mode, settings_of
 from test_ptq import randomised
 
 # The 2-block FP Large-DiT of test_ptq.pixel_config on 8×8×1 pixels, with test_ptq.quick's settings.
@@ -64,11 +65,13 @@ def cli_args(cfg_file, workdir, *args):
     return [sys.executable, "-m", "terdit_jax.main", "--config", cfg_file, "--workdir", workdir, *args]
 
 
+# the suite's compile cache of this worker, so that the CLI runs share compiled programs
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE,
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
 def cli(cfg_file, workdir, *args):
-    # the suite's compile cache for this worker, so the CLI runs share compiled programs
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    return subprocess.run(cli_args(cfg_file, workdir, *args), capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cli_args(cfg_file, workdir, *args), capture_output=True, text=True, env=ENV, timeout=300)
 
 
 def one_error_line(r, expect: str):
@@ -165,9 +168,7 @@ def test_sigterm_in_reconstruction_keeps_the_resume_point_exits_0_and_the_resume
     cfg_file, workdir = fp_workdir
     args = cli_args(cfg_file, workdir, "--mode", "quantize", "--config.quant.method=ptq4dit",
                     "--config.quant.w_bits=4", "--config.quant.name=ptq_sigterm")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     seen = []
     for line in proc.stdout:  # the resume point of unit 2 is written before unit 3 is announced
         seen.append(line)
@@ -177,7 +178,7 @@ def test_sigterm_in_reconstruction_keeps_the_resume_point_exits_0_and_the_resume
     rest, err = proc.communicate(timeout=120)
     out = "".join(seen) + rest
     assert proc.returncode == 0 and "Traceback" not in err, err
-    assert "reconstruction: unit 1 took" in out and "left" in out  # the time estimate after the first unit
+    assert "reconstruction: unit 1 took" in out and "the time left is estimated once a block unit has run" in out
     partial = qckpt.model_dir(workdir, "ptq_sigterm") + ".partial"
     progress = json.load(open(os.path.join(partial, "progress.json")))
     done = progress["done_units"]
@@ -187,11 +188,12 @@ def test_sigterm_in_reconstruction_keeps_the_resume_point_exits_0_and_the_resume
     saved_seconds = progress["stages"]["reconstruction"]["seconds"]
     assert saved_seconds > 0  # the time spent so far travels with the resume point
 
-    env_run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-    assert env_run.returncode == 0, env_run.stderr
-    assert f"resuming PTQ4DiT at unit {done + 1} of 5" in env_run.stdout
-    assert f"reconstruction: unit {done + 1} of 5" in env_run.stdout
-    assert f"reconstruction: unit {done} of 5" not in env_run.stdout  # counted one way: no unit twice
+    again = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming PTQ4DiT at unit {done + 1} of 5" in again.stdout
+    assert f"reconstruction: unit {done + 1} of 5" in again.stdout
+    assert f"reconstruction: unit {done} of 5" not in again.stdout  # counted one way: no unit twice
+    assert re.search(r"reconstruction: unit 3 took \d+ s; about .* left", again.stdout + out)  # after a block
     manifest = qckpt.read_manifest(qckpt.model_dir(workdir, "ptq_sigterm"))
     units = manifest["info"]["units"]
     assert [u["unit"] for u in units] == ["embed", "condition", "block 0", "block 1", "unembed"]
@@ -291,3 +293,11 @@ def test_sample_files_are_named_by_what_made_them(fp_workdir):
         paths.append(run_sample_mode(config, workdir, log=lambda *_: None)["grid"])
     assert [os.path.basename(p) for p in paths] == ["sample_0000000_ddim4_cfg4.png", "sample_0000000_ddim2_cfg4.png"]
     assert all(os.path.exists(p) for p in paths)  # the quick run did not overwrite the other
+
+
+def test_the_time_estimate_waits_for_the_kind_most_units_left_are():
+    blocks = ["block"] * 3 + ["unembed"]
+    assert Job.estimate([("embed", 12.0)], ["condition"] + blocks) == \
+        "the time left is estimated once a block unit has run"
+    # 3 blocks at the last block's 100 s + the unembed unit at the mean of the finished (12 + 12 + 100) / 3
+    assert Job.estimate([("embed", 12.0), ("condition", 12.0), ("block", 100.0)], blocks) == "about 5 min 41 s left"

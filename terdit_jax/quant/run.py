@@ -160,9 +160,14 @@ class Job:
     @staticmethod
     def estimate(done: list[tuple[str, float]], left: list[str]) -> str:
         """'about 2 min 10 s left' for units of the kinds `left`, each taking as long as the last finished unit
-        of its kind (done: (kind, seconds) in order), or, for a kind not seen yet, the mean of the finished."""
+        of its kind (done: (kind, seconds) in order), a kind not run yet as the mean of the finished. Units of
+        different kinds differ several-fold (a block against the embedder), so there is no estimate until the
+        kind most of the units left are of has run once."""
         last = dict(done)
-        mean = sum(t for _, t in done) / max(1, len(done))
+        common = max(dict.fromkeys(left), key=left.count)
+        if common not in last:
+            return f"the time left is estimated once a {common} unit has run"
+        mean = sum(t for _, t in done) / len(done)
         return f"about {_duration(sum(last.get(k, mean) for k in left))} left"
 
 
