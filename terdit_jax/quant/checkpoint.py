@@ -97,8 +97,8 @@ def check_matches(manifest: dict, config, path: str, *, log=print):
 
 
 def manifest_id(path: str) -> str:
-    """A short hash of a model's manifest file: a model quantized again (even with the same settings) gets
-    another, because its manifest records when and how long every stage ran."""
+    """A short hash of a model's manifest file, which records the settings, the calibration set and how long
+    every stage ran: a model quantized again gets another id (the same one only if nothing about it differs)."""
     with open(os.path.join(path, MANIFEST), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
