@@ -15,4 +15,10 @@ def get_config():
     c = _config_256()
     c.data.image_size = 512
     c.train.steps = 3_000_000  # the released 512 px model was trained for 3M steps
+    # PTQ at 512 px as the official PTQ4DiT README runs it (--cali_st 10 --cali_n 128 --cali_batch_size 16):
+    # 10 calibration steps × 64 latents × {class, null} = 128 entries per step, reconstruction batches of 16
+    c.quant.calib_steps = 10
+    c.quant.calib_latents = 64
+    c.quant.recon_batch_size = 16
+    c.quant.ho_batch_size = 2  # TQ-DiT's HO backward passes: 2 entries of 1024 tokens at a time
     return c

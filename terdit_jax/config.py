@@ -144,6 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
     q.w_bits = 8  # weight bits, 2..16
     q.a_bits = 8  # activation bits, 2..16 (16 = activations left in full precision)
     q.name = ""  # folder name under <workdir>/quantized/ (one name, not a path); "" = <method>_w<W>a<A>
+    q.preset = ""  # "official": the official code's choices where our defaults follow the papers (OFFICIAL_PRESET)
     # Calibration set: the full-precision model's own trajectories (PTQ4DiT §2.3), with the sampler and step
     # count of config.sample. 25 steps × 32 latents × {class, null class} at 256 px.
     q.calib_steps = 25
@@ -151,6 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
     q.calib_cfg_scale = 1.5
     q.calib_classes = "uniform"  # or "official": classes 0..15, statistics from class 0 only (PTQ4DiT's code)
     q.calib_seed = 1
+    q.softmax_bits = 8  # RTN / PTQ4DiT: bits of the softmax probabilities (the official sm_abit: 8 whatever A is)
     q.calib_path = ""  # a calibration set file to use; "" = <workdir>/quantized/calibration_<id>.npz (made once)
     # PTQ4DiT
     q.init = "mse"  # quantizer initialisation: "mse" (percentile-MSE search, p ∈ {0.999, 0.9999, 0.99999}) or "minmax"
@@ -169,6 +171,9 @@ def base_config() -> ml_collections.ConfigDict:
     q.ho = "fisher"  # HO weights: "fisher" (squared gradients of the denoising loss) or "mse" (unit weights)
     q.search_rounds = 3
     q.alpha_grid = 101  # Δ = α·Δ0 candidates, α uniform in [0.01, 1.2]
+    q.shared_alpha = False  # one α for all heads / qkv thirds / embedding channels (default: each its own minimiser)
+    q.sequential = True  # search each layer with the earlier ones quantized; False = all others FP (the code)
+    q.ho_batch_size = 4  # entries per backward pass of the HO weights (device memory at 512 px)
 
     c.eval = e = ml_collections.ConfigDict()
     e.num_samples = 50_000  # FID-50K; samples use config.sample settings with uniformly random labels
@@ -261,11 +266,31 @@ def _check_name(field: str, name: str):
               "digits, '.', '_' and '-' (no '/', no '..', not ending in '.partial'), e.g. ptq4dit_w4a8_fast")
 
 
+# `quant.preset=official`: the official PTQ4DiT / TQ-DiT code's choices where our defaults follow the papers
+# (ptq_baselines.md): classes 0..15 with class-0 statistics, SSC per sample, 20k iterations, every TQ-DiT layer
+# calibrated with the others in full precision. (The official t-MLP split into two reconstructions is not
+# implemented: the conditioning MLP is one unit either way.)
+OFFICIAL_PRESET = {"calib_classes": "official", "ssc": "sample", "recon_iters": 20000, "sequential": False}
+PRESETS = {"": {}, "official": OFFICIAL_PRESET}
+
+
+def _apply_preset(q):
+    """Fill the preset's fields; a field the user set to something else conflicts with it (an error)."""
+    _one_of("quant.preset", q.preset, tuple(PRESETS))
+    default = base_config().quant
+    for field, value in PRESETS[q.preset].items():
+        if q[field] not in (default[field], value):
+            _fail(f"quant.{field}", f"{q[field]!r} conflicts with quant.preset={q.preset!r} (which sets {value!r}); "
+                  "drop one of the two")
+        q[field] = value
+
+
 def _check_quant(q):
+    _apply_preset(q)
     if q.method:
         _one_of("quant.method", q.method, METHODS.names())
     _check_name("quant.name", q.name)
-    for field in ("w_bits", "a_bits"):
+    for field in ("w_bits", "a_bits", "softmax_bits"):
         if not 2 <= q[field] <= 16:
             _fail(f"quant.{field}", f"{q[field]} is outside 2..16 (16 leaves that side in full precision)")
     _one_of("quant.init", q.init, INITS)
@@ -273,7 +298,8 @@ def _check_quant(q):
     _one_of("quant.calib_classes", q.calib_classes, CLASS_MODES)
     _one_of("quant.ho", q.ho, HO_MODES)
     _one_of("quant.tgq_scope", q.tgq_scope, TGQ_SCOPES)
-    for field in ("calib_steps", "calib_latents", "recon_batch_size", "time_groups", "search_rounds", "alpha_grid"):
+    for field in ("calib_steps", "calib_latents", "recon_batch_size", "time_groups", "search_rounds", "alpha_grid",
+                  "ho_batch_size"):
         if q[field] < 1:
             _fail(f"quant.{field}", f"{q[field]} must be positive")
     if q.recon_iters < 1:

@@ -72,6 +72,27 @@ def test_ssc_weights_are_softmax_of_minus_spearman():
     np.testing.assert_allclose(f, np.sqrt((eta @ merged) / (s_w + 1e-8)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["embed", "condition", "block", "unembed"])
+def test_reconstruction_loss_is_the_official_lp_loss_in_the_official_layout(kind):
+    """Q-Diffusion's lp_loss sums axis 1 of the official unit output: the conv embedder's (B, D, h, w), the t-MLP's
+    (B, D), a block's (B, T, D), the final linear's (B, T, p²C) before unpatchify; ours has other layouts."""
+    from terdit_jax.quant.reconstruct import recon_loss, summed_size
+    from terdit_jax.quant.units import Carry, Unit
+    rng, b, h, p, c, d = np.random.default_rng(0), 3, 8, 2, 4, 6
+    tokens = rng.standard_normal((b, (h // p) ** 2, d)).astype(np.float32)
+    ours = {"embed": (b, (h // p) ** 2, d), "condition": (b, d), "block": (b, (h // p) ** 2, d), "unembed": (b, h, h, c)}
+    out, y = (rng.standard_normal(ours[kind]).astype(np.float32) for _ in range(2))
+    diff = (out - y).astype(np.float64) ** 2
+    official = {"embed": lambda e: e.transpose(0, 2, 1).reshape(b, d, h // p, h // p),
+                "condition": lambda e: e, "block": lambda e: e,
+                "unembed": lambda e: e.reshape(b, h // p, p, h // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+                    b, (h // p) ** 2, p * p * c)}[kind](diff)
+    want = official.sum(axis=1).mean()
+    carry = Carry(np.zeros((b, h, h, c)), np.zeros(b), np.zeros(b), tokens=None if kind == "embed" else tokens)
+    got = recon_loss(jnp.asarray(out), jnp.asarray(y), summed_size(Unit(kind), carry, y))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
 def test_calibration_set_layout(fp_run, tmp_path):
     config, workdir, params = fp_run
     apply, _ = init_model(config.model, 0)
@@ -100,20 +121,20 @@ def test_csb_and_its_reparameterization_leave_the_fp_output_unchanged(fp_run, fa
     apply, params = init_model(fp_cfg, 0)
     params = randomised(params, seed=4)
     roles = ptq.roles(fp_cfg)
-    rules = ptq.uniform_rules(fp_cfg, 16, 16, init="minmax", smooth_roles=roles.attn_in + roles.attn_out + roles.mlp_in)
+    rules = ptq.uniform_rules(fp_cfg, 16, 16, init="minmax", smooth_inputs=ptq.csb_inputs(roles))
     rules = tuple(r for r in rules if r["kind"] == "smooth")  # CSB's division alone, nothing quantized
     model = ptq.host_model(ptq.with_sites(fp_cfg, rules), {k: np.asarray(v) for k, v in trees.flat(params).items()})
     groups = ptq4dit.csb_groups(model, roles)
     rng = np.random.default_rng(3)
-    factors = {g[0]: rng.uniform(0.2, 5.0, ptq.module_at(model, g[0]).kernel.shape[0]).astype(np.float32)
-               for g in groups}
+    factors = {site: rng.uniform(0.2, 5.0, ptq.module_at(model, lins[0]).kernel.shape[0]).astype(np.float32)
+               for site, lins in groups}
     ptq4dit.apply_csb(model, groups, factors)
-    first = groups[0][0]
+    first = groups[0][1][0]
     assert not np.allclose(ptq.module_at(model, first).kernel[...], trees.flat(params)[first + ".kernel"])
     if reparam:
         ptq4dit.fold(model, roles, fp_cfg.family)
-        for g in groups:  # the divisions moved out of the sites
-            np.testing.assert_array_equal(ptq.module_at(model, g[0]).input_site.smooth[...], 1.0)
+        for site, _ in groups:  # the divisions moved out of the sites
+            np.testing.assert_array_equal(ptq.site_at(model, site).smooth[...], 1.0)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 1)), jnp.float32)
     t, y = jnp.array([5, 900]), jnp.array([3, 10])
     want = np.asarray(apply(params, x, t, y))

@@ -301,3 +301,17 @@ def test_the_time_estimate_waits_for_the_kind_most_units_left_are():
         "the time left is estimated once a block unit has run"
     # 3 blocks at the last block's 100 s + the unembed unit at the mean of the finished (12 + 12 + 100) / 3
     assert Job.estimate([("embed", 12.0), ("condition", 12.0), ("block", 100.0)], blocks) == "about 5 min 41 s left"
+
+
+def test_the_official_preset_sets_the_codes_choices_and_refuses_a_conflicting_field():
+    from terdit_jax.config import ConfigError, base_config, finalize
+    c = base_config()
+    c.quant.preset = "official"
+    q = finalize(c).quant
+    assert (q.calib_classes, q.ssc, q.recon_iters, q.sequential) == ("official", "sample", 20000, False)
+    assert finalize(finalize(c)).quant.sequential is False  # a finalized config finalizes again unchanged
+    c.quant.ssc = "timestep"  # the default: the preset wins
+    assert finalize(c).quant.ssc == "sample"
+    c.quant.recon_iters = 500
+    with pytest.raises(ConfigError, match=r"quant.recon_iters: 500 conflicts with quant.preset='official'"):
+        finalize(c)

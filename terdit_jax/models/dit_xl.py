@@ -20,7 +20,7 @@ from flax import nnx
 
 from terdit_jax.models.backbone import Context, DiffusionTransformer, FinalLayer, modulate, patchify
 from terdit_jax.models.layers import (LabelEmbedder, LayerNorm, TimestepEmbedder, attention, attention_sites,
-                                      sincos_pos_embed_2d)
+                                      quantize_qkv, sincos_pos_embed_2d)
 from terdit_jax.models.linears import make_linear
 from terdit_jax.models.ternary import xavier_uniform, zeros_init
 from terdit_jax.quant.sites import make_site, quantize
@@ -93,9 +93,8 @@ class Attention(nnx.Module):
         """x (B, T, D) → (B, T, D)."""
         b, n, d = x.shape
         qkv = self.qkv(x, t).reshape(b, n, 3, self.n_heads, self.head_dim)
-        q, k, v = (quantize(site, qkv[:, :, i], t) for i, site in enumerate((self.q_site, self.k_site,
-                                                                               self.v_site)))
-        return self.proj(attention(q, k, v, self.probs_site, t, self.scores_site).reshape(b, n, d), t)
+        q, k, v, scale = quantize_qkv((self.q_site, self.k_site, self.v_site), *(qkv[:, :, i] for i in range(3)), t)
+        return self.proj(attention(q, k, v, self.probs_site, t, self.scores_site, scale).reshape(b, n, d), t)
 
 
 class Mlp(nnx.Module):

@@ -81,14 +81,27 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, probs_site, t: jax.Array | None,
-              scores_site=None) -> jax.Array:
-    """softmax(q·kᵀ/sqrt(hd))·v for q, k, v (B, T, H, hd) → (B, T, H, hd). Fused unless a site acts on the
-    (B, H, T, T) scores or probabilities; then they are formed in float32 (as XLA's fused attention does)."""
+def quantize_qkv(sites: tuple, q: jax.Array, k: jax.Array, v: jax.Array, t: jax.Array | None) -> tuple:
+    """(q, k, v, scale) through the q, k, v sites, q (B, T, H, hd) and the rest alike. A q site sees q already
+    multiplied by 1/sqrt(hd), as in the official PTQ4DiT (its learned step size is then relative to that scale),
+    and the attention then runs with scale 1; without a q site nothing changes."""
+    q_site, k_site, v_site = sites
     scale = 1.0 / math.sqrt(q.shape[-1])
+    if q_site is not None:
+        q, scale = quantize(q_site, q * jnp.asarray(scale, q.dtype), t), 1.0
+    return q, quantize(k_site, k, t), quantize(v_site, v, t), scale
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, probs_site, t: jax.Array | None,
+              scores_site=None, scale: float | None = None) -> jax.Array:
+    """softmax(q·kᵀ·scale)·v for q, k, v (B, T, H, hd) → (B, T, H, hd); scale 1/sqrt(hd) unless given. Fused
+    unless a site acts on the (B, H, T, T) scores or probabilities; then they are formed in float32 (as XLA's
+    fused attention does)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if probs_site is None and scores_site is None:
         return jax.nn.dot_product_attention(q, k, v, scale=scale)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits if scale == 1.0 else logits * scale
     probs = quantize(probs_site, jax.nn.softmax(quantize(scores_site, logits, t), axis=-1), t)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
@@ -114,17 +127,21 @@ class Attention(nnx.Module):
         self.k_norm = LayerNorm(d, eps=1e-5, affine=True, axis_name="heads") if cfg.qk_norm else None
         sites = attention_sites(path, cfg, self.n_heads, self.head_dim)
         self.q_site, self.k_site, self.v_site, self.probs_site, self.scores_site = sites
+        # The one input wq, wk and wv share: a deployed kernel quantizes it once (PTQ quantizes it here, not at
+        # each linear's own input site).
+        self.input_site = make_site(f"{path}.input", cfg, (None, d))
 
     def __call__(self, x: jax.Array, angles: jax.Array, t: jax.Array | None = None) -> jax.Array:
         """x (B, T, D), angles (T, hd/2) → (B, T, D)."""
         b, n, _ = x.shape
+        x = quantize(self.input_site, x, t)
         q, k, v = self.wq(x, t), self.wk(x, t), self.wv(x, t)
         if self.q_norm is not None:  # over the whole projection, before the head split (official)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (a.reshape(b, n, self.n_heads, self.head_dim) for a in (q, k, v))
         q, k = apply_rope(q, angles), apply_rope(k, angles)
-        q, k, v = quantize(self.q_site, q, t), quantize(self.k_site, k, t), quantize(self.v_site, v, t)
-        return self.wo(attention(q, k, v, self.probs_site, t, self.scores_site).reshape(b, n, -1), t)
+        q, k, v, scale = quantize_qkv((self.q_site, self.k_site, self.v_site), q, k, v, t)
+        return self.wo(attention(q, k, v, self.probs_site, t, self.scores_site, scale).reshape(b, n, -1), t)
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -145,8 +162,10 @@ class FeedForward(nnx.Module):
         self.w3 = make_linear(f"{path}.w3", cfg.dim, f, axes=("embed", "mlp"), **lin)
         self.w2 = make_linear(f"{path}.w2", f, cfg.dim, axes=("mlp", "embed"), **lin)
         self.hidden_site = make_site(f"{path}.hidden", cfg, (None, None, f))
+        self.input_site = make_site(f"{path}.input", cfg, (None, cfg.dim))  # the input w1 and w3 share
 
     def __call__(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
+        x = quantize(self.input_site, x, t)
         hidden = quantize(self.hidden_site, jax.nn.silu(self.w1(x, t)) * self.w3(x, t), t)
         return self.w2(hidden, t)
 

@@ -29,20 +29,33 @@ class Roles:
     """Role names (paths inside a block) of one family's layers.
     attn_in: the linears reading the attention input (fused qkv, or wq/wk/wv); attn_out: the output projection;
     mlp_in: the linears reading the FFN input; mlp_out: the FFN's last linear (its input is the FFN hidden);
-    attention / ffn: the attention and FFN modules; adaln: the block's adaLN linear."""
+    attention / ffn: the attention and FFN modules; adaln: the block's adaLN linear; attn_input / ffn_input: the
+    one site of the input attn_in / mlp_in share (a deployed kernel quantizes a shared input once)."""
     attn_in: tuple[str, ...]
     attn_out: tuple[str, ...]
     mlp_in: tuple[str, ...]
     mlp_out: tuple[str, ...]
     attention: str
     ffn: str
+    attn_input: str
+    ffn_input: str
     adaln: str = "adaLN_modulation"
+
+    def input_of(self, group: tuple[str, ...]) -> str:
+        """The input site role of a group of linears that read one tensor (attn_in, attn_out or mlp_in)."""
+        return {self.attn_in: self.attn_input, self.mlp_in: self.ffn_input}.get(group, f"{group[0]}.input")
+
+    def shadowed_inputs(self) -> tuple[str, ...]:
+        """The linears' own input sites that a shared input site stands for (left unquantized)."""
+        return tuple(f"{r}.input" for g in (self.attn_in, self.mlp_in) for r in g if self.input_of(g) != f"{r}.input")
 
 
 ROLES = {
     "large_dit": Roles(("attention.wq", "attention.wk", "attention.wv"), ("attention.wo",),
-                       ("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",), "attention", "feed_forward"),
-    "dit": Roles(("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",), "attn", "mlp"),
+                       ("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",), "attention", "feed_forward",
+                       "attention.input", "feed_forward.input"),
+    "dit": Roles(("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",), "attn", "mlp", "attn.qkv.input",
+                 "mlp.fc1.input"),
 }
 BLOCK = r"(?:layers|blocks)\.\d+\."  # the block prefix of a site path
 
@@ -102,23 +115,34 @@ def linears_with_weight_sites(model) -> list:
             if isinstance(getattr(m, "weight_site", None), UniformQuantizer)]
 
 
-def uniform_rules(model_cfg, w_bits: int, a_bits: int, *, init: str, smooth_roles: tuple[str, ...] = ()) -> tuple:
+def uniform_rules(model_cfg, w_bits: int, a_bits: int, *, init: str, smooth_inputs: tuple[str, ...] = (),
+                  softmax_bits: int = 8) -> tuple:
     """PTQ4DiT's sites and granularities (ptq_baselines.md §2.2), also RTN's: every linear's weight per output
-    channel and every linear's input per tensor, asymmetric; attention q, k, v per tensor; softmax probabilities
-    unsigned per tensor. The inputs of `smooth_roles` (CSB's layers) divide by their balancing factor first.
-    a_bits = 16 leaves activations in full precision (CSB's layers keep only the division)."""
+    channel and every linear's input per tensor, asymmetric (one quantizer per shared input: wq/wk/wv and w1/w3
+    read theirs from the attention / FFN input site); attention q (after the 1/sqrt(hd) scaling), k, v per tensor;
+    softmax probabilities unsigned per tensor at `softmax_bits` (the official `sm_abit`, 8 whatever A is). The
+    input sites `smooth_inputs` (CSB's, roles in a block) divide by their balancing factor first. a_bits = 16 leaves
+    activations in full precision (CSB's layers keep only the division)."""
     rules = [{"path": r".*\.weight", "kind": "uniform", "bits": w_bits, "granularity": "channel", "axis": -1,
               "init": init}]
     quant_acts = a_bits < 16
-    for role in smooth_roles:
-        path = BLOCK + re.escape(role) + r"\.input"
+    rules += [{"path": BLOCK + re.escape(r), "kind": "none"} for r in roles(model_cfg).shadowed_inputs()]
+    for role in smooth_inputs:
+        path = BLOCK + re.escape(role)
         rules.append({"path": path, "kind": "uniform", "bits": a_bits, "init": init, "smooth": True}
                      if quant_acts else {"path": path, "kind": "smooth"})
     if quant_acts:
         rules += [{"path": r".*\.input", "kind": "uniform", "bits": a_bits, "init": init},
-                  {"path": BLOCK + r".*\.(q|k|v)", "kind": "uniform", "bits": a_bits, "init": init},
-                  {"path": BLOCK + r".*\.probs", "kind": "uniform", "bits": a_bits, "init": init, "zero_point": False}]
+                  {"path": BLOCK + r".*\.(q|k|v)", "kind": "uniform", "bits": a_bits, "init": init}]
+        if softmax_bits < 16:
+            rules.append({"path": BLOCK + r".*\.probs", "kind": "uniform", "bits": softmax_bits, "init": init,
+                          "zero_point": False})
     return tuple(rules)
+
+
+def csb_inputs(r: Roles) -> tuple[str, ...]:
+    """The input sites CSB balances: those of qkv, proj and fc1 (Large-DiT: wq/wk/wv's, wo's, w1/w3's)."""
+    return tuple(r.input_of(g) for g in (r.attn_in, r.attn_out, r.mlp_in))
 
 
 def observer_rules(rules) -> tuple:
@@ -180,6 +204,12 @@ def deployed_bytes(model, w_bits: int) -> int:
         k = lin.kernel[...]
         total += int(np.ceil(k.size * w_bits / 8)) - k.size * k.dtype.itemsize
     return total
+
+
+def site_at(model, path: str):
+    """The site module at a site path ('layers.3.attention.input' → that Attention's `input_site`)."""
+    owner, role = path.rsplit(".", 1)
+    return getattr(module_at(model, owner), role + "_site")
 
 
 def module_at(model, path: str):

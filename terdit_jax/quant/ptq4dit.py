@@ -52,44 +52,44 @@ def balance_factor(s_x: np.ndarray, t: np.ndarray, s_w: np.ndarray, mode: str) -
     return np.maximum(np.sqrt(s_rho / (s_w + 1e-8)), F_FLOOR).astype(np.float32)
 
 
-def csb_groups(model, roles: ptq.Roles) -> list[tuple[str, ...]]:
-    """Per block, the linears that share one balancing factor (they read the same input)."""
-    return [tuple(f"{b}.{r}" for r in group) for b in ptq.block_prefixes(model)
+def csb_groups(model, roles: ptq.Roles) -> list[tuple[str, tuple[str, ...]]]:
+    """Per block, (input site, the linears reading it): the linears of a group share one balancing factor."""
+    return [(f"{b}.{roles.input_of(group)}", tuple(f"{b}.{r}" for r in group)) for b in ptq.block_prefixes(model)
             for group in (roles.attn_in, roles.attn_out, roles.mlp_in)]
 
 
 def salience(fp_cfg, fp_values: dict, calib, groups, *, log=print, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """{first linear of a group: per-sample channel salience (n, C)} from a full-precision pass over the
-    statistics subset, with observers (max |x| over tokens) on each group's input."""
-    rules = tuple({"path": re.escape(g[0]) + r"\.input", "kind": "observe", "reduce": "channel_absmax"}
-                  for g in groups)
+    """{input site: per-sample channel salience (n, C)} from a full-precision pass over the statistics subset,
+    with observers (max |x| over tokens) on each group's input site."""
+    rules = tuple({"path": re.escape(site), "kind": "observe", "reduce": "channel_absmax"} for site, _ in groups)
     model = ptq.host_model(ptq.with_sites(fp_cfg, rules), fp_values)
     carry, seen = ptq.calib_carry(calib, calib.init), {}
     for unit in unit_list(model):
         seen.update(observe_unit(model, unit, carry, batch_size=batch_size))
         carry = advance(model, unit, carry, batch_size=batch_size)
-    return {path[:-len(".input")]: v for path, v in seen.items()}
+    return seen
 
 
 def apply_csb(model, groups, factors: dict[str, np.ndarray]) -> None:
     """Weights: rows × f (W̃ = B^W W); inputs: the sites' divisor f (X̃ = X B^X). X̃ W̃ = X W exactly."""
-    for group in groups:
-        f = factors[group[0]]
-        for path in group:
+    for site, linears in groups:
+        f = factors[site]
+        for path in linears:
             lin = ptq.module_at(model, path)
             lin.kernel[...] = lin.kernel[...] * f[:, None]
-            lin.input_site.smooth[...] = f
+        ptq.site_at(model, site).smooth[...] = f
 
 
 def fold(model, roles: ptq.Roles, family: str) -> None:
     """Offline re-parameterization (PTQ4DiT §4.3): move each CSB divisor out of the input sites into the layers
     before them, then set the sites' divisors to 1. The attention-input and FFN-input divisors go into the
     modulation (the pre-norm weight absorbs 1/f where the family has one, the shift chunk becomes shift/f; without
-    a pre-norm weight the scale chunk becomes (1+scale)/f − 1), the output-projection divisor into W_v's columns."""
+    a pre-norm weight the scale chunk becomes (1+scale)/f − 1), the output-projection divisor into W_v's columns.
+    Exact in full precision; a per-tensor quantizer of v then sees v/f (the official code has no fold to compare)."""
     for b in ptq.block_prefixes(model):
         block = ptq.module_at(model, b)
         for role_group, norm_name, chunk in ((roles.attn_in, "attention_norm", 0), (roles.mlp_in, "ffn_norm", 3)):
-            site = ptq.module_at(model, f"{b}.{role_group[0]}").input_site
+            site = ptq.site_at(model, f"{b}.{roles.input_of(role_group)}")
             f = np.asarray(site.smooth[...])
             norm = getattr(block, norm_name, None)
             if norm is not None:  # Large-DiT: modulate(RMSNorm(x)·w, shift, scale) / f
@@ -98,9 +98,8 @@ def fold(model, roles: ptq.Roles, family: str) -> None:
             else:  # DiT: LayerNorm without affine, so the scale chunk takes 1/f
                 _scale_chunk(block, chunk, 1.0 / f)
                 _scale_chunk(block, chunk + 1, 1.0 / f, plus_one=True)
-            for r in role_group:
-                ptq.module_at(model, f"{b}.{r}").input_site.smooth[...] = np.ones_like(f)
-        out_site = ptq.module_at(model, f"{b}.{roles.attn_out[0]}").input_site
+            site.smooth[...] = np.ones_like(f)
+        out_site = ptq.site_at(model, f"{b}.{roles.input_of(roles.attn_out)}")
         f = np.asarray(out_site.smooth[...])
         _scale_v(ptq.module_at(model, f"{b}.{roles.attention}"), family, 1.0 / f)
         out_site.smooth[...] = np.ones_like(f)
@@ -140,11 +139,13 @@ def quantize(job) -> dict:
     q, fp_cfg = job.config.quant, job.fp_cfg
     roles = ptq.roles(fp_cfg)
     family = fp_cfg.get("family", "large_dit")
-    smooth = roles.attn_in + roles.attn_out + roles.mlp_in if q.csb else ()
-    q_cfg = ptq.with_sites(fp_cfg, ptq.uniform_rules(fp_cfg, q.w_bits, q.a_bits, init=q.init, smooth_roles=smooth))
+    smooth = ptq.csb_inputs(roles) if q.csb else ()
+    q_cfg = ptq.with_sites(fp_cfg, ptq.uniform_rules(fp_cfg, q.w_bits, q.a_bits, init=q.init, smooth_inputs=smooth,
+                                                     softmax_bits=int(q.softmax_bits)))
     model = ptq.host_model(q_cfg, job.fp_values)
     info = {"csb": bool(q.csb), "ssc": q.ssc if q.csb else None, "reparam": bool(q.reparam and q.csb),
-            "recon": bool(q.recon), "recon_iters": int(q.recon_iters) if q.recon else 0, "init": q.init}
+            "recon": bool(q.recon), "recon_iters": int(q.recon_iters) if q.recon else 0, "init": q.init,
+            "softmax_bits": int(q.softmax_bits) if q.a_bits < 16 else None}
     done = 0
     if job.resume is not None:
         ptq.set_values(model, job.resume[0])
@@ -156,10 +157,10 @@ def quantize(job) -> dict:
                 groups = csb_groups(model, roles)
                 sal = salience(fp_cfg, job.fp_values, job.calib, groups, log=job.log)
                 factors = {}
-                for g in groups:
-                    s_w = np.max([np.abs(np.asarray(ptq.module_at(model, p).kernel[...])).max(axis=1) for p in g],
-                                 axis=0)
-                    factors[g[0]] = balance_factor(sal[g[0]], job.calib.t[job.calib.init], s_w, q.ssc)
+                for site, linears in groups:
+                    s_w = np.max([np.abs(np.asarray(ptq.module_at(model, p).kernel[...])).max(axis=1)
+                                  for p in linears], axis=0)
+                    factors[site] = balance_factor(sal[site], job.calib.t[job.calib.init], s_w, q.ssc)
                 apply_csb(model, groups, factors)
                 if q.reparam:
                     fold(model, roles, family)

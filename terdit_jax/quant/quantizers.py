@@ -248,6 +248,22 @@ class UniformQuantizer(nnx.Module):
 GELU_MIN = 0.16997124  # |min GELU(x)|: the negative region of a post-GELU tensor is [−0.17, 0) (TQ-DiT's code)
 
 
+def two_region_softmax(x: jax.Array, split, bits: int) -> jax.Array:
+    """TQ-DiT's post-softmax quantizer (TwoRegionSoftmax) with split s, as a function of its values."""
+    n = 2 ** (bits - 1) - 1
+    d1, d2 = split / n, 1.0 / n
+    q1 = jnp.clip(round_ste(x / d1), 0, n) * d1
+    q2 = jnp.clip(round_ste(x / d2), 0, n) * d2
+    return jnp.where(x < split, q1, q2)
+
+
+def two_region_signed(x: jax.Array, delta, delta_neg, bits: int) -> jax.Array:
+    """The two-regions-around-0 quantizer (TwoRegionSigned) with steps Δ+ and Δ−, as a function of its values."""
+    m = 2 ** (bits - 1)
+    neg = jnp.clip(round_ste(x / delta_neg), -m, 0) * delta_neg
+    return neg + jnp.clip(round_ste(x / delta), 0, m - 1) * delta
+
+
 class _TimeGrouped(nnx.Module):
     """Base of quantizers whose parameters may be per time group (TGQ): `time_group` maps a timestep to its group."""
 
@@ -275,11 +291,7 @@ class TwoRegionSoftmax(_TimeGrouped):
         self.split = QuantState(jnp.full(self._lead(), 2.0 ** -self.bits, jnp.float32))
 
     def quantize(self, x, split):
-        n = 2 ** (self.bits - 1) - 1
-        d1, d2 = split / n, 1.0 / n
-        q1 = jnp.clip(round_ste(x / d1), 0, n) * d1
-        q2 = jnp.clip(round_ste(x / d2), 0, n) * d2
-        return jnp.where(x < split, q1, q2)
+        return two_region_softmax(x, split, self.bits)
 
     def __call__(self, x: jax.Array, t: jax.Array | None) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -305,9 +317,7 @@ class TwoRegionSigned(_TimeGrouped):
         return GELU_MIN / 2 ** (self.bits - 1) if self.fixed_negative else self.delta_neg[...]
 
     def quantize(self, x, delta, delta_neg):
-        m = 2 ** (self.bits - 1)
-        neg = jnp.clip(round_ste(x / delta_neg), -m, 0) * delta_neg
-        return neg + jnp.clip(round_ste(x / delta), 0, m - 1) * delta
+        return two_region_signed(x, delta, delta_neg, self.bits)
 
     def __call__(self, x: jax.Array, t: jax.Array | None) -> jax.Array:
         xf = x.astype(jnp.float32)

@@ -3,8 +3,10 @@
 For one unit: inputs from the model with every earlier unit quantized, targets from the full-precision model on
 full-precision inputs ("asym" mode). Trained jointly: AdaRound's α of every weight quantizer in the unit
 (rectified sigmoid, ζ = 1.1, γ = −0.1; Adam 1e-3) and the step size Δ of every static activation quantizer
-(Adam 4e-5, cosine to 0); zero points stay. Loss: mean over the batch and features of Σ_tokens (ŷ − y)²
-(Q-Diffusion's lp_loss: a sum over axis 1) + λ Σ (1 − |2h(α) − 1|^β), λ = 0.01, β from 20 to 2 linearly after a
+(Adam 4e-5, cosine to 0); zero points stay. Loss: Q-Diffusion's lp_loss, Σ (ŷ − y)² over axis 1 of the official
+code's layout of the unit's output, mean over the rest (`recon_loss`: the embedder's (B, D, h, w) and the t-MLP's
+(B, D) sum channels, a block's (B, T, D) and the final layer's (B, T, p²C) sum tokens; the sum sets the
+reconstruction term's weight against the regulariser) + λ Σ (1 − |2h(α) − 1|^β), λ = 0.01, β from 20 to 2 linearly after a
 20% warm-up without the regulariser. At the end every weight is rounded hard, ⌊W/Δ⌋ + 1[α ≥ 0], and stored as the
 layer's weight, so nearest rounding reproduces it afterwards and α is dropped.
 
@@ -70,11 +72,22 @@ def _optimizer(train, s: ReconSettings):
                                  _labels(train))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "fn", "settings"))
-def _train_step(train, rest, opt, inputs, y, angles, step, *, graphdef, fn, settings: ReconSettings):
+def summed_size(unit: Unit, carry_q, target: np.ndarray) -> int:
+    """The size of the axis the official lp_loss sums over (axis 1 of the official layout of the unit's output):
+    channels for the embedder and the t-MLP, tokens for a block and the final layer."""
+    return int(target.shape[-1]) if unit.kind in ("embed", "condition") else int(carry_q.tokens.shape[1])
+
+
+def recon_loss(out: jax.Array, y: jax.Array, summed: int) -> jax.Array:
+    """lp_loss (p = 2) of the official layout: Σ over the `summed` axis, mean over the rest, which is the mean
+    over every element times `summed` whatever our layout of the same elements."""
+    return jnp.mean(jnp.square(out.astype(jnp.float32) - y)) * summed
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "fn", "settings", "summed"))
+def _train_step(train, rest, opt, inputs, y, angles, step, *, graphdef, fn, settings: ReconSettings, summed: int):
     def loss_fn(train):
-        out = fn(nnx.merge(graphdef, train, rest), *inputs, angles=angles).astype(jnp.float32)
-        rec = jnp.mean(jnp.sum(jnp.square(out - y), axis=1))
+        rec = recon_loss(fn(nnx.merge(graphdef, train, rest), *inputs, angles=angles), y, summed)
         hs = [rectified_sigmoid(a) for p, a in jax.tree_util.tree_leaves_with_path(train) if _key_name(p) == "alpha"]
         beta = beta_at(step, settings)
         reg = sum(jnp.sum(1.0 - jnp.abs(2.0 * h - 1.0) ** beta) for h in hs) if hs else 0.0
@@ -113,6 +126,7 @@ def reconstruct(model, unit: Unit, carry_q, target: np.ndarray, groups: np.ndarr
         order = rng.permutation(len(groups))
         chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
         per_batch = max(1, settings.batch_size // 4)
+        summed = summed_size(unit, carry_q, target)
         recs, it = [], 0
         bar = tqdm(total=settings.iters, desc=desc or f"reconstruct {unit.name}", leave=False)
         for c, chunk in enumerate(chunks):
@@ -125,7 +139,7 @@ def reconstruct(model, unit: Unit, carry_q, target: np.ndarray, groups: np.ndarr
                 batch = jax.tree.map(lambda a: a[pick], dev_inputs)
                 train, opt, rec = _train_step(train, rest, opt, batch, dev_y[pick], angles,
                                               jnp.asarray(it, jnp.float32), graphdef=graphdef, fn=fn,
-                                              settings=settings)
+                                              settings=settings, summed=summed)
                 recs.append(rec)
                 it += 1
                 bar.update(1)

@@ -7,7 +7,10 @@ linear. The path is the module path in the parameter tree plus the tensor's role
     layers.3.attention.wq.input    (..., in)       input of a linear (every linear has one)
     layers.3.attention.wq.weight   (in, out)       weight of a linear, as the matmul uses it
     layers.3.attention.wq.output   (..., out)      output of a linear (HO's gradient probes read it)
-    layers.3.attention.q / .k / .v (B, T, H, hd)   attention operands (q, k after RoPE where there is RoPE)
+    layers.3.attention.input       (..., D)        the input wq, wk and wv share (Large-DiT; feed_forward.input:
+                                                   the one w1 and w3 share); the DiT's fused qkv has one input
+    layers.3.attention.q / .k / .v (B, T, H, hd)   attention operands (q, k after RoPE where there is RoPE; q
+                                                   times 1/sqrt(hd) where it has a site, PTQ4DiT's order)
     layers.3.attention.scores      (B, H, T, T)    q·kᵀ/sqrt(hd) before the softmax (then attention runs unfused)
     layers.3.attention.probs       (B, H, T, T)    softmax probabilities (then attention runs unfused)
     layers.3.feed_forward.hidden   (B, T, F)       FFN hidden: the gated SwiGLU product, or post-GELU for DiT;
