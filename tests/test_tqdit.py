@@ -2,14 +2,17 @@
 the MSE search, the time groups of real schedules, group g's parameters act only on group g's steps, and
 quantize → sample end to end with the step-count check."""
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from terdit_jax import trees
 from terdit_jax.diffusion.gaussian import create_diffusion
-from terdit_jax.quant import checkpoint as qckpt, tqdit
+from terdit_jax.quant import checkpoint as qckpt, ptq, tqdit
 from terdit_jax.quant.quantizers import TwoRegionGELU, TwoRegionSigned, TwoRegionSoftmax, UniformQuantizer
 from terdit_jax.quant.run import run_quantize_mode
 from test_ptq import fp_run, quick  # noqa: F401,F811  (the tiny FP workdir fixture)
@@ -50,36 +53,140 @@ def _pv_layer(bits=4):
     return probs, v, a_q, b_q
 
 
-def test_split_and_alpha_searches_return_the_minimisers():
-    probs, v, a_q, b_q = _pv_layer()
+def _search(kind, a_q, a_x, b_q, b_x, *, weight=None, rounds=2, shared=False, steps=None):
+    """One layer's LayerSearch on given operands (B an activation); returns (A's operand, B's operand)."""
     grid = np.linspace(0.01, 1.2, 21)
-    a, b = tqdit.Operand(a_q, probs, grid), tqdit.Operand(b_q, v, grid)
-    tqdit.search_layer("pv", [tqdit.Part(a, jnp.asarray(probs), jnp.asarray(v), None)], b, rounds=2)
-    target = tqdit.layer_output("pv", jnp.asarray(probs), jnp.asarray(v))
+    a, b = tqdit.Operand(a_q, a_x, grid), tqdit.Operand(b_q, b_x, grid)
+    target = np.asarray(tqdit.layer_output(kind, jnp.asarray(a_x), jnp.asarray(b_x)))
+    search = tqdit.LayerSearch(kind, [tqdit.Part(a, [b], a_x, [b_x], [target], [weight])], [None], shared=shared)
+    if steps is None:
+        search.run(rounds)
+    else:
+        for operand in steps:
+            search.step(a if operand < 0 else b, operand)
+    return a, b
 
-    def err(split, delta):
-        out = tqdit.layer_output("pv", a.apply(jnp.asarray(probs), {"split": split}),
-                                 b.apply(jnp.asarray(v), {"delta": delta}))
-        return float(jnp.mean(jnp.square(target - out)))
-    chosen = err(a.values["split"], b.values["delta"])
-    # the last search was B's: its α is the grid minimiser given A, and A's split the minimiser given that B
-    assert chosen <= min(err(a.values["split"], c) for c in b.candidates["delta"]) + 1e-12
-    assert chosen <= min(err(s, b.values["delta"]) for s in a.candidates["split"]) * (1 + 1e-6) + 1e-12
+
+def np_fake_quant(x, delta, bits):
+    """Symmetric uniform fake quantization in NumPy (round half to even, as jnp.round)."""
+    m = 2 ** (bits - 1)
+    return np.clip(np.round(x / delta), -m, m - 1) * delta
+
+
+def np_two_region_softmax(x, split, bits):
+    n = 2 ** (bits - 1) - 1
+    return np.where(x < split, np.clip(np.round(x / (split / n)), 0, n) * (split / n), np.clip(np.round(x * n), 0, n) / n)
+
+
+def test_the_split_is_the_brute_force_minimiser_against_quantized_v():
+    """After A's step (the split, searched first for a matmul), the split is the minimiser over all 20 candidates
+    of the NumPy objective with V quantized at its current Δ (our choice; the official scores it against FP V)."""
+    probs, v, a_q, b_q = _pv_layer()
+    a, b = _search("pv", a_q, probs, b_q, v, steps=[-1])
+    d0 = np.abs(v).max(axis=(0, 1, 3), keepdims=True) / (2 ** 3 - 0.5)  # per head, α = 1 before B's step
+    np.testing.assert_allclose(np.asarray(b.values["delta"]).reshape(d0.shape), d0, rtol=1e-6)
+    target = np.einsum("bhqk,bkhd->bqhd", probs.astype(np.float64), v)
+    v_q = np_fake_quant(v, d0, 4)
+    errs = [np.sum((target - np.einsum("bhqk,bkhd->bqhd", np_two_region_softmax(probs, s, 4), v_q)) ** 2)
+            for s in tqdit.SPLITS]
+    assert float(a.values["split"]) == tqdit.SPLITS[int(np.argmin(errs))]
     assert float(a.values["split"]) < 1.0  # two regions beat one on this skewed tensor
-    one_region = err(jnp.asarray(1.0), b.values["delta"])
-    assert chosen < one_region
 
 
 def test_ho_with_unit_weights_is_the_mse_search():
     probs, v, a_q, b_q = _pv_layer()
-    grid = np.linspace(0.01, 1.2, 21)
     chosen = []
     for weight in (None, np.ones((4, 6, 16), np.float32)):
-        a, b = tqdit.Operand(a_q, probs, grid), tqdit.Operand(b_q, v, grid)
-        tqdit.search_layer("pv", [tqdit.Part(a, jnp.asarray(probs), jnp.asarray(v), weight)], b, rounds=2)
+        a, b = _search("pv", a_q, probs, b_q, v, weight=weight)
         chosen.append((float(a.values["split"]), np.asarray(b.values["delta"])))
     assert chosen[0][0] == chosen[1][0]
     np.testing.assert_array_equal(chosen[0][1], chosen[1][1])
+
+
+def test_each_head_gets_its_own_brute_force_minimiser_and_shared_is_worse():
+    """q·kᵀ with heads of very different ranges: with the default search q's per-head Δ is each head's minimiser
+    over the α grid (a NumPy loop per head), at least as good as the shared α (`quant.shared_alpha`), which
+    is the minimiser of the sum."""
+    bits, grid = 6, np.linspace(0.01, 1.2, 21)
+    scale = np.array([0.05, 1.0, 8.0, 30.0], np.float32)[None, None, :, None]
+    q = (RNG.standard_normal((3, 5, 4, 8)) * scale).astype(np.float32)
+    k = RNG.standard_normal((3, 5, 4, 8)).astype(np.float32)
+    mk = lambda p: UniformQuantizer(path=p, shape=(None, None, 4, 8), bits=bits, symmetric=True,  # noqa: E731
+                                    granularity="channel", axis=2)
+    a, _ = _search("qk", mk("q"), q, mk("k"), k, steps=[-1])
+    a_shared, _ = _search("qk", mk("q"), q, mk("k"), k, steps=[-1], shared=True)
+    half = 2 ** (bits - 1) - 0.5
+    d0_q = np.abs(q).max(axis=(0, 1, 3)) / half
+    k_q = np_fake_quant(k, np.abs(k).max(axis=(0, 1, 3), keepdims=True) / half, bits)
+    s_fp = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k)
+    err = np.array([[np.sum((s_fp[:, h] - np.einsum("bqd,bkd->bqk", np_fake_quant(q[:, :, h], f * d0_q[h], bits),
+                                                     k_q[:, :, h])) ** 2) for h in range(4)] for f in grid])
+    np.testing.assert_allclose(np.asarray(a.values["delta"]).ravel(), grid[err.argmin(axis=0)] * d0_q, rtol=1e-5)
+    f_shared = grid[err.sum(axis=1).argmin()]
+    np.testing.assert_allclose(np.asarray(a_shared.values["delta"]).ravel(), f_shared * d0_q, rtol=1e-5)
+    assert err.min(axis=0).sum() < err.sum(axis=1).min()  # heterogeneous heads: independent is strictly better
+
+
+def test_an_objective_that_is_zero_everywhere_is_an_error():
+    """HO weights that are zero over a group's entries leave no scale to choose: an error, not argmin's first."""
+    probs, v, a_q, b_q = _pv_layer()
+    with pytest.raises(ptq.QuantizeError, match="is zero for every candidate"):
+        _search("pv", a_q, probs, b_q, v, weight=np.zeros((4, 6, 16), np.float32))
+
+
+def test_a_time_group_without_calibration_entries_is_an_error():
+    with pytest.raises(ptq.QuantizeError, match=r"time group\(s\) 1 \(sampling steps 3–5\) have no calibration"):
+        tqdit.check_groups(np.array([0, 0, 2, 2]), 3, 9)
+    tqdit.check_groups(np.array([0, 1, 2]), 3, 9)
+
+
+class Shift(nnx.Module):
+    """A test site: adds a (tokens, channels) parameter δ to one entry's tensor, so jax.grad at δ = 0 is that
+    entry's gradient at the site, computed without nnx.capture (the reference for HO's weights)."""
+
+    def __init__(self, *, path: str, shape: tuple, tokens: int):
+        self.delta = Delta(jnp.zeros((tokens, shape[-1]), jnp.float32))
+
+    def __call__(self, x, t):
+        return x + self.delta[...]
+
+
+class Delta(nnx.Variable):
+    pass
+
+
+def test_fisher_weights_are_every_entrys_own_squared_gradient(fp_run):  # noqa: F811
+    """Every entry e gets g_e² with g_e = ∂ mean((ε̂_e − ε*_e)²)/∂(site output of e): against a per-entry jax.grad
+    through a shift site. (The old loss read the model's first batch row only: g² was non-zero for entries 0, 4.)"""
+    from terdit_jax.quant.quantizers import QUANTIZERS
+    from terdit_jax.quant.units import Carry
+    config, _, params = fp_run
+    fp_cfg, values = config.model, {k: np.asarray(v) for k, v in trees.flat(params).items()}
+    sites = ["layers.1.attention.wq.output", "layers.0.feed_forward.w2.output"]
+    e = 6  # two batches of 4, the second padded
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((e, 8, 8, 1)).astype(np.float32)
+    t, y = rng.integers(0, 1000, e), rng.integers(0, 10, e)
+    target = rng.standard_normal((e, 8, 8, 1)).astype(np.float32)
+    ho = tqdit.HOWeights(fp_cfg, values, [sites], Carry(x, t, y), target, batch_size=4)
+    got = ho.of_unit(0)
+    QUANTIZERS.add("shift", Shift)
+    try:
+        for site in sites:
+            model = ptq.host_model(ptq.with_sites(fp_cfg, ({"path": re.escape(site), "kind": "shift", "tokens": 16},)),
+                                   values)
+            graphdef, delta, rest = nnx.split(model, Delta, ...)
+
+            def loss(d, i):
+                out = nnx.merge(graphdef, d, rest)(x[i:i + 1], t[i:i + 1], y[i:i + 1])
+                return jnp.mean(jnp.square(out[..., :1] - target[i:i + 1]))
+            for i in range(e):
+                g = [v.get_value() for _, v in nnx.to_flat_state(jax.grad(loss)(delta, i))][0]
+                assert np.abs(g).max() > 0
+                np.testing.assert_allclose(got[site][i].reshape(g.shape), np.square(g), rtol=2e-4,
+                                           atol=1e-6 * np.square(g).max())
+    finally:
+        QUANTIZERS.remove("shift")
 
 
 @pytest.mark.parametrize("steps", [250, 50])
@@ -112,6 +219,8 @@ def test_quantize_then_sample_and_the_step_count_check(fp_run):  # noqa: F811
     c = quick(config, method="tqdit", w_bits=6, a_bits=6, time_groups=2, alpha_grid=11, search_rounds=1)
     manifest = run_quantize_mode(c, workdir, log=lambda *_: None)
     assert manifest["info"]["time_groups"] == 2 and set(manifest["stages"]) >= {"HO weights", "scale search"}
+    assert [layer["layer"].split()[0] for layer in manifest["info"]["layers"][:7]] == [
+        "linear", "linear", "qk", "pv", "linear", "linear", "linear"]  # embed, then block 0's six layers
     assert all(np.isfinite(layer["error"]) for layer in manifest["info"]["layers"])
     s = c.copy_and_resolve_references()
     s.sample.quantized = "tqdit_w6a6"
@@ -128,3 +237,38 @@ def test_quantize_then_sample_and_the_step_count_check(fp_run):  # noqa: F811
     with pytest.raises(ValueError, match="more than the 4 sampling steps"):
         run_quantize_mode(too_many, workdir, log=lambda *_: None)
     assert not os.path.exists(qckpt.model_dir(workdir, "tq_bad"))
+
+
+def test_tgq_all_searches_every_group_and_resumes_layer_by_layer(fp_run, monkeypatch):  # noqa: F811
+    """tgq_scope="all": each time group's k, v (and inputs) get their own search, so their G slots differ (they
+    were one value stored into all); a run stopped after a few layers resumes at the next layer and ends with
+    exactly the quantizer state of an uninterrupted run."""
+    config, workdir, _ = fp_run
+    settings = dict(method="tqdit", w_bits=6, a_bits=6, time_groups=2, tgq_scope="all", alpha_grid=11,
+                    search_rounds=1, ho="mse")
+    whole = run_quantize_mode(quick(config, name="tq_whole", **settings), workdir, log=lambda *_: None)
+    saves, real = [0], qckpt.save_progress
+
+    def flaky(*args):
+        real(*args)
+        saves[0] += 1
+        if saves[0] == 4:
+            raise KeyboardInterrupt  # stopped after the embedding and 3 of block 0's layers
+    monkeypatch.setattr(qckpt, "save_progress", flaky)
+    c = quick(config, name="tq_resumed", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        run_quantize_mode(c, workdir, log=lambda *_: None)
+    monkeypatch.setattr(qckpt, "save_progress", real)
+    logs = []
+    resumed = run_quantize_mode(c, workdir, log=logs.append)
+    assert any("resuming TQ-DiT at unit 3 of 5, layer 4" in str(m) for m in logs), logs
+    assert resumed["info"]["layers"] == whole["info"]["layers"]
+    a, b = ({k: np.asarray(v) for k, v in trees.flat(qckpt.load_quantized(qckpt.model_dir(workdir, n))[1]).items()}
+            for n in ("tq_whole", "tq_resumed"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    grouped = [k for k in a if re.search(r"attention\.(k|v|input)_site\.delta$", k)]
+    assert len(grouped) == 6
+    for k in grouped:
+        assert a[k].shape[0] == 2 and not np.array_equal(a[k][0], a[k][1]), k

@@ -152,10 +152,12 @@ class Job:
     log: Callable = print
     stop: StopOnSigterm = dataclasses.field(default_factory=StopOnSigterm)
 
-    def save(self, model, progress: dict) -> None:
+    def save(self, model, progress: dict, values: dict | None = None) -> None:
+        """Keep the resume point: `values` (default: every variable of `model`) and `progress`."""
         with self.stop.deferred():
-            qckpt.save_progress(self.partial_dir, values_of(model), {"settings": settings_of(self.config),
-                                                                     "stages": self.stage.snapshot(), **progress})
+            values = values_of(model) if values is None else values
+            qckpt.save_progress(self.partial_dir, values, {"settings": settings_of(self.config),
+                                                           "stages": self.stage.snapshot(), **progress})
 
     @staticmethod
     def estimate(done: list[tuple[str, float]], left: list[str]) -> str:
