@@ -20,7 +20,7 @@ from terdit_jax.models.ternary import ACT_BITS, ALPHA_INITS, GAMMA_MODES
 from terdit_jax.parallel import REMAT_POLICIES
 from terdit_jax.quant.calibration import CLASS_MODES
 from terdit_jax.quant.methods import METHODS
-from terdit_jax.quant.ptq4dit import SSC_MODES
+from terdit_jax.quant.ptq4dit import SSC_MODES, T_MLP_MODES
 from terdit_jax.quant.tqdit import HO_MODES, TGQ_SCOPES
 from terdit_jax.quant.quantizers import INITS
 from terdit_kernels.ops import BACKENDS
@@ -160,6 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
     q.ssc = "timestep"  # Spearman weights per time step (the paper) or per "sample" (the official code)
     q.reparam = False  # fold CSB's activation scales into the adaLN rows and W_v offline (exactly equivalent)
     q.recon = True  # block reconstruction (AdaRound weights, learned activation steps)
+    q.t_mlp = "layers"  # the t-MLP's linears reconstructed one at a time (the official code), or "joint" (one unit)
     q.recon_iters = 20000  # per unit (the paper's 20k); the study uses fewer and says so
     q.recon_batch_size = 32
     # TQ-DiT
@@ -267,10 +268,10 @@ def _check_name(field: str, name: str):
 
 
 # `quant.preset=official`: the official PTQ4DiT / TQ-DiT code's choices where our defaults follow the papers
-# (ptq_baselines.md): classes 0..15 with class-0 statistics, SSC per sample, 20k iterations, every TQ-DiT layer
-# calibrated with the others in full precision. (The official t-MLP split into two reconstructions is not
-# implemented: the conditioning MLP is one unit either way.)
-OFFICIAL_PRESET = {"calib_classes": "official", "ssc": "sample", "recon_iters": 20000, "sequential": False}
+# (ptq_baselines.md): classes 0..15 with class-0 statistics, SSC per sample, the t-MLP's linears reconstructed one at
+# a time, 20k iterations, every TQ-DiT layer calibrated with the others in full precision.
+OFFICIAL_PRESET = {"calib_classes": "official", "ssc": "sample", "t_mlp": "layers", "recon_iters": 20000,
+                   "sequential": False}
 PRESETS = {"": {}, "official": OFFICIAL_PRESET}
 
 
@@ -295,6 +296,7 @@ def _check_quant(q):
             _fail(f"quant.{field}", f"{q[field]} is outside 2..16 (16 leaves that side in full precision)")
     _one_of("quant.init", q.init, INITS)
     _one_of("quant.ssc", q.ssc, SSC_MODES)
+    _one_of("quant.t_mlp", q.t_mlp, T_MLP_MODES)
     _one_of("quant.calib_classes", q.calib_classes, CLASS_MODES)
     _one_of("quant.ho", q.ho, HO_MODES)
     _one_of("quant.tgq_scope", q.tgq_scope, TGQ_SCOPES)

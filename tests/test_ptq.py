@@ -93,6 +93,43 @@ def test_reconstruction_loss_is_the_official_lp_loss_in_the_official_layout(kind
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
+def test_t_mlp_layers_are_reconstructed_at_their_own_outputs(fp_run):
+    """PTQ4DiT's layer reconstruction of the t-MLP (the official code): what t_embedder.mlp_0 learns is judged at
+    its own output, so it cannot depend on mlp_2's weights (the joint unit's does: the check can fail), and the
+    mlp_2 step leaves mlp_0 as it was."""
+    from terdit_jax.quant.reconstruct import ReconSettings, reconstruct
+    from terdit_jax.quant.units import Carry, Unit, run_unit
+
+    config, _, params = fp_run
+    values = trees.flat(params)
+    other = {**values, "t_embedder.mlp_2.kernel": -3.0 * np.asarray(values["t_embedder.mlp_2.kernel"])[::-1]}
+    q_cfg = ptq.with_sites(config.model, ptq.uniform_rules(config.model, 3, 16, init="minmax"))
+    rng = np.random.default_rng(0)
+    e = 16
+    carry = Carry(x=np.zeros((e, 8, 8, 1), np.float32), t=rng.integers(0, 1000, e).astype(np.int32),
+                  y=rng.integers(0, 11, e).astype(np.int32))
+    settings = ReconSettings(iters=40, batch_size=8, lr_alpha=0.05, warmup=0.0)
+    groups = np.arange(e).reshape(-1, 4)
+    condition = Unit("condition")
+    first, second = condition.parts()
+    assert (first.part, second.part) == ("t_embedder.mlp_0", "t_embedder.mlp_2")
+
+    def mlp_0_after(vals, unit):
+        fp, model = ptq.host_model(config.model, vals), ptq.host_model(q_cfg, vals)
+        ptq.init_weights(model)
+        reconstruct(model, unit, carry, run_unit(fp, unit, carry), groups, settings)
+        return model, np.asarray(model.t_embedder.mlp_0.kernel[...])
+
+    model, ours = mlp_0_after(values, first)
+    nearest = np.asarray(model.t_embedder.mlp_0.weight_site(jnp.asarray(values["t_embedder.mlp_0.kernel"]), None))
+    assert not np.allclose(ours, nearest, rtol=0, atol=1e-6)  # the reconstruction moved some roundings
+    np.testing.assert_array_equal(mlp_0_after(other, first)[1], ours)
+    assert np.any(mlp_0_after(values, condition)[1] != mlp_0_after(other, condition)[1])
+    fp = ptq.host_model(config.model, values)
+    reconstruct(model, second, carry, run_unit(fp, condition, carry), groups, settings)
+    np.testing.assert_array_equal(np.asarray(model.t_embedder.mlp_0.kernel[...]), ours)
+
+
 def test_calibration_set_layout(fp_run, tmp_path):
     config, workdir, params = fp_run
     apply, _ = init_model(config.model, 0)
@@ -153,8 +190,8 @@ def test_quantize_resume_and_sample_end_to_end(fp_run, monkeypatch):
 
     def flaky(model, unit, *a, **k):
         calls.append(unit.name)
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # stopped inside block 1
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # stopped inside block 1 (the t-MLP's two linears are two calls)
         return real(model, unit, *a, **k)
     monkeypatch.setattr(ptq4dit, "reconstruct", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -171,7 +208,9 @@ def test_quantize_resume_and_sample_end_to_end(fp_run, monkeypatch):
     assert set(manifest["stages"]) == {"calibration set", "csb", "weight quantizers", "activation quantizers",
                                        "reconstruction"}  # the earlier stages' report came with the resume point
     # every unit's losses, the interrupted run's included
-    assert [u["unit"] for u in manifest["info"]["units"]] == ["embed", "condition", "block 0", "block 1", "unembed"]
+    assert [u["unit"] for u in manifest["info"]["units"]] == ["embed", "condition t_embedder.mlp_0",
+                                                              "condition t_embedder.mlp_2", "block 0", "block 1",
+                                                              "unembed"]
     assert manifest["deployed_bytes"] < sum(np.asarray(v).nbytes for v in jax.tree.leaves(params))
     s = c.copy_and_resolve_references()
     s.sample.quantized = "ptq4dit_w4a8"

@@ -184,7 +184,8 @@ def test_sigterm_in_reconstruction_keeps_the_resume_point_exits_0_and_the_resume
     done = progress["done_units"]
     assert done >= 2 and f"SIGTERM: stopped in stage 'reconstruction'; the resume point {partial} keeps " \
                          f"done_units={done}" in out
-    assert [u["unit"] for u in progress["units"]] == ["embed", "condition", "block 0", "block 1"][:done]
+    names = ["embed", "condition t_embedder.mlp_0", "condition t_embedder.mlp_2", "block 0", "block 1", "unembed"]
+    assert [u["unit"] for u in progress["units"]] == names[:done + 1]  # the t-MLP's two linears: two reports
     saved_seconds = progress["stages"]["reconstruction"]["seconds"]
     assert saved_seconds > 0  # the time spent so far travels with the resume point
 
@@ -196,7 +197,7 @@ def test_sigterm_in_reconstruction_keeps_the_resume_point_exits_0_and_the_resume
     assert re.search(r"reconstruction: unit 3 took \d+ s; about .* left", again.stdout + out)  # after a block
     manifest = qckpt.read_manifest(qckpt.model_dir(workdir, "ptq_sigterm"))
     units = manifest["info"]["units"]
-    assert [u["unit"] for u in units] == ["embed", "condition", "block 0", "block 1", "unembed"]
+    assert [u["unit"] for u in units] == names
     assert all(np.isfinite(u["loss_end"]) and u["seconds"] > 0 for u in units)
     assert manifest["stages"]["reconstruction"]["seconds"] > saved_seconds  # both runs' time
     assert not os.path.exists(partial)

@@ -11,12 +11,12 @@ Stages, in the order of the official quant_sample.py:
    official code never released).
 2. Weight quantizers (per output channel, asymmetric, percentile-MSE) on the balanced weights.
 3. Activation quantizers (per tensor, asymmetric, percentile-MSE) unit by unit from the statistics subset.
-4. Block reconstruction (quant/reconstruct.py) of every unit: the embedder, the conditioning MLP, each block,
-   the final layer; resumable unit by unit.
+4. Reconstruction (quant/reconstruct.py) of every unit: the embedder, the t-MLP's two linears one after the
+   other (layer reconstruction, as the code: mlp_0 against its FP output, then mlp_2 against c; `quant.t_mlp=
+   "joint"` reconstructs the conditioning unit as one), each block, the final layer; resumable unit by unit.
 
-Two departures, both documented: f is floored at 1e-5 (a channel never active in the statistics subset would
-otherwise be divided by zero), and the conditioning unit (t-MLP with its two linears) is reconstructed as one
-unit where the official code reconstructs t_embedder.mlp.0 and .2 one after the other.
+One departure, documented: f is floored at 1e-5 (a channel never active in the statistics subset would otherwise
+be divided by zero).
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ from scipy import stats
 
 from terdit_jax.quant import ptq
 from terdit_jax.quant.reconstruct import ReconSettings, reconstruct
-from terdit_jax.quant.units import Carry, advance, observe_unit, target_of, unit_list
+from terdit_jax.quant.units import PARTS, Carry, advance, observe_unit, run_unit, target_of, unit_list
 
 SSC_MODES = ("timestep", "sample")
+T_MLP_MODES = ("layers", "joint")  # the t-MLP's two linears reconstructed one after the other (the code), or as one
 F_FLOOR = 1e-5
 
 
@@ -145,6 +146,7 @@ def quantize(job) -> dict:
     model = ptq.host_model(q_cfg, job.fp_values)
     info = {"csb": bool(q.csb), "ssc": q.ssc if q.csb else None, "reparam": bool(q.reparam and q.csb),
             "recon": bool(q.recon), "recon_iters": int(q.recon_iters) if q.recon else 0, "init": q.init,
+            "t_mlp": q.t_mlp if q.recon else None,
             "softmax_bits": int(q.softmax_bits) if q.a_bits < 16 else None}
     done = 0
     if job.resume is not None:
@@ -186,10 +188,14 @@ def reconstruct_all(job, model, done: int) -> list[dict]:
         carry_fp_next = advance(fp, unit, carry_fp)
         if i >= done:
             job.log(f"reconstruction: unit {i + 1} of {len(units)} ({unit.name})")
-            t0 = time.perf_counter()
-            r = reconstruct(model, unit, carry_q, target_of(unit, carry_fp_next), job.calib.groups(), settings,
-                            desc=f"unit {i + 1}/{len(units)} {unit.name}")
-            report.append({"unit": unit.name, "kind": unit.kind, **r, "seconds": round(time.perf_counter() - t0, 2)})
+            for part in unit.parts() if q.t_mlp == "layers" else [unit]:
+                t0 = time.perf_counter()
+                target = target_of(unit, carry_fp_next) if PARTS.get(part.part) is None else run_unit(fp, part,
+                                                                                                      carry_fp)
+                r = reconstruct(model, part, carry_q, target, job.calib.groups(), settings,
+                                desc=f"unit {i + 1}/{len(units)} {part.name}")
+                report.append({"unit": part.name, "kind": unit.kind, **r,
+                               "seconds": round(time.perf_counter() - t0, 2)})
             job.save(model, {"done_units": i + 1, "units": report})
             if i + 1 < len(units):
                 job.log(f"reconstruction: unit {i + 1} took {report[-1]['seconds']:.0f} s; " + job.estimate(

@@ -23,20 +23,34 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from terdit_jax.models.backbone import Context
+from terdit_jax.models.layers import timestep_features
 from terdit_jax.quant.sites import observe
 
 HEAD_MODULES = {"embed": ("x_embedder",), "condition": ("t_embedder", "y_embedder"), "unembed": ("final_layer",)}
+# Linears of a head unit calibrated one at a time (PTQ4DiT's layer reconstruction of the t-MLP): the output the
+# part is judged by, from the unit's inputs; None = the unit's own output (c = t_emb + y_emb differs from the
+# second linear's output by the full-precision label embedding only).
+PARTS = {"t_embedder.mlp_0": lambda m, t, y: m.t_embedder.mlp_0(timestep_features(t), t),
+         "t_embedder.mlp_2": None}
 
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """kind: "embed" | "condition" | "block" | "unembed"; index: the block index (blocks only)."""
+    """kind: "embed" | "condition" | "block" | "unembed"; index: the block index (blocks only); part: one linear
+    of a head unit (a key of PARTS) that owns only that linear's quantizers, "" for the whole unit."""
     kind: str
     index: int = -1
+    part: str = ""
 
     @property
     def name(self) -> str:
-        return f"block {self.index}" if self.kind == "block" else self.kind
+        name = f"block {self.index}" if self.kind == "block" else self.kind
+        return f"{name} {self.part}" if self.part else name
+
+    def parts(self) -> list["Unit"]:
+        """The unit as its linears one at a time (PTQ4DiT's t-MLP), or itself."""
+        mine = [p for p in PARTS if p.split(".")[0] in HEAD_MODULES.get(self.kind, ())]
+        return [dataclasses.replace(self, part=p) for p in mine] or [self]
 
 
 def unit_list(model) -> list[Unit]:
@@ -79,6 +93,9 @@ def in_unit(unit: Unit) -> Callable[[tuple], bool]:
     submodules: the embed unit x_embedder, ...)."""
     if unit.kind == "block":
         return lambda path: True
+    if unit.part:
+        part = tuple(unit.part.split("."))
+        return lambda path: tuple(map(str, path[:len(part)])) == part
     return lambda path: bool(path) and str(path[0]) in HEAD_MODULES[unit.kind]
 
 
@@ -114,8 +131,11 @@ class UnitFn:
     jitted programs are keyed by (graph, UnitFn): blocks of one model share one graph and so one compile."""
     kind: str
     hw: tuple[int, int]
+    part: str = ""
 
     def __call__(self, m, *inputs, angles=None):
+        if PARTS.get(self.part) is not None:
+            return PARTS[self.part](m, *inputs)
         if self.kind == "embed":
             return m.embed(*inputs)[0]
         if self.kind == "condition":
@@ -127,7 +147,7 @@ class UnitFn:
 
 
 def unit_fn(unit: Unit, carry: Carry) -> UnitFn:
-    return UnitFn(unit.kind, tuple(carry.x.shape[1:3]))
+    return UnitFn(unit.kind, tuple(carry.x.shape[1:3]), unit.part)
 
 
 def angles_of(carry: Carry):
