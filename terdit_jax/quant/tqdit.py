@@ -52,6 +52,7 @@ import dataclasses
 import functools
 import math
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -559,12 +560,13 @@ def quantize(job) -> dict:
                 if (unit.kind, k) not in variants:  # blocks share one graph: one variant per layer position
                     variants[unit.kind, k] = ptq.host_model(ptq.with_sites(
                         fp_cfg, variant_rules(rules, layers, k, prefix, bool(q.sequential))))
-                obs = variants[unit.kind, k]
+                obs, t0 = variants[unit.kind, k], time.perf_counter()
                 ptq.set_values(obs, ptq.values_of(model))
                 seen = observe_unit(obs, unit, carry)
                 error = search_one(layer, prefix, qs, model, seen, weights, entry_group, groups, grid, q,
                                    label=f"{unit.name}, {layer.name}")
-                report.append({"unit": unit.name, "layer": layer.name, "error": error})
+                report.append({"unit": unit.name, "layer": layer.name, "error": error,
+                               "seconds": round(time.perf_counter() - t0, 2)})
                 job.save(model, {"next": [u, k + 1], "layers": report}, values=quant_state(model))
             carry = advance(model if q.sequential else fp_model, unit, carry)
     info = {"ho": q.ho, "mrq": bool(q.mrq), "tgq": bool(q.tgq), "time_groups": groups, "tgq_scope": q.tgq_scope,
