@@ -21,6 +21,8 @@ Stages (random weights of the real shapes; speed and memory do not depend on tra
   train_4.2b_512  benchmarks/train_step.py --compile_only: the 4.2B/512 ternary step with remat, its memory
   sample_600m     as sample_4.2b for the 600M model
   demo            python -m terdit_jax.main: the demo config trained 200 steps and its DDIM-50 grid
+  ptq_512         benchmarks/ptq_scaling.py --single: PTQ4DiT W8A8 on DiT-XL/2-wide random weights at 512 px (2 blocks,
+                  16 calibration entries, 50 reconstruction iterations per unit): device peak, seconds per unit
 
 Writes OUT/gpu_suite.json (everything, raw stage outputs included), OUT/gpu_suite.md (tables, every goal
 marked met / not met / not measured), OUT/gpu_suite.log (each stage's command, stdout and stderr) and
@@ -49,13 +51,13 @@ NOT_MEASURED = "not measured"
 # suite's own work) and under the 8 minutes one call may take; each stage may also spend what earlier stages
 # left unused (never what later ones are owed), so the run ends within the total whatever happens. How each
 # was sized is in benchmarks/gpu_suite.md.
-BUDGETS = {"install": 20, "env": 15, "kernels": 110, "sample_4.2b": 85, "train_600m": 100, "train_4.2b_512": 45,
-           "sample_600m": 50, "demo": 40}
+BUDGETS = {"install": 20, "env": 15, "kernels": 95, "sample_4.2b": 80, "train_600m": 90, "train_4.2b_512": 45,
+           "sample_600m": 45, "demo": 40, "ptq_512": 35}
 TOTAL_BUDGET_S = 470
 # --tiny on a 2-core CPU: each stage took 1-31 s on the VM under a load of ~4; 4-60x that, so that a busy CI
 # machine does not time a stage out (the test runs --tiny).
 TINY_BUDGETS = {"install": 60, "env": 60, "kernels": 120, "sample_4.2b": 120, "train_600m": 180,
-                "train_4.2b_512": 120, "sample_600m": 120, "demo": 150}
+                "train_4.2b_512": 120, "sample_600m": 120, "demo": 150, "ptq_512": 150}
 STAGES = tuple(BUDGETS)
 FORCED_FAILURE_FLAG = "--gpu-suite-forced-failure"  # an argument no stage's parser accepts (--fail)
 
@@ -63,6 +65,8 @@ CORRECT_TOL = 1e-2  # max |y - y_ref| / max |y_ref|: a bf16 output rounding is <
 HBM_80GB = 80e9  # "fits one 80 GB device": the compiled step's bytes per device against 80 * 10^9
 PAPER_4B_MB = {"packed": 1920, "bf16": 17027}  # TerDiT paper Table 2, 4.2B at 256 px on an A100 (MB)
 GB = 1e9
+# DiT-XL/2: 28 blocks of 18·1152² weights (qkv 3d², proj d², MLP 8d², adaLN 6d²) in float32, biases aside
+DIT_XL_DEPTH, DIT_XL_BLOCK_BYTES = 28, 18 * 1152 ** 2 * 4
 
 # Distributions the GPU image lacks (by the issue's list of what it has), then their small dependencies, carried
 # for an image that lacks them too; whatever the interpreter has is left alone.
@@ -342,9 +346,16 @@ def demo_result(ctx) -> dict:
     return res
 
 
+def cmd_ptq(ctx):
+    script = os.path.join(ROOT, "benchmarks", "ptq_scaling.py")
+    size = ["--tiny", "--single", "2,1", "--recon_iters", "2"] if ctx.tiny else ["--single", "4,2", "--recon_iters", "50"]
+    return ([ctx.python, script, "--out", os.path.join(ctx.work, "ptq"), "--methods", "ptq4dit", "--sizes", "512",
+             *size], {}, None)
+
+
 COMMANDS = {"env": cmd_env, "kernels": cmd_kernels, "sample_4.2b": lambda c: _cmd_sample(c, "4.2B"),
             "train_600m": cmd_train_600m, "train_4.2b_512": cmd_train_4b,
-            "sample_600m": lambda c: _cmd_sample(c, "600M"), "demo": cmd_demo}
+            "sample_600m": lambda c: _cmd_sample(c, "600M"), "demo": cmd_demo, "ptq_512": cmd_ptq}
 
 
 def run_stage(ctx: Context, name: str, allowed_s: float) -> dict:
@@ -497,6 +508,15 @@ def goals(stages: dict, tiny: bool) -> list[dict]:
     add("demo", "demo trained 200 steps, DDIM-50 grid written, loss finite", "runs", loss if ran else None,
         None if not ran else loss is not None and loss == loss and abs(loss) != float("inf"),
         None if not ran else f"grid written, loss {_fmt(loss, '.4g')}")
+
+    def ptq_device(r):  # the reduced run's device peak plus the float32 weights of the blocks it left out
+        run = r["methods"]["ptq4dit_512"]["runs"][0]
+        measured = max(v["device_peak_bytes"] for v in run["stages"].values())
+        return measured, measured + (DIT_XL_DEPTH - run["depth"]) * DIT_XL_BLOCK_BYTES
+    pd = _ok(stages, "ptq_512", ptq_device)
+    add("ptq_512", "PTQ4DiT W8A8 on DiT-XL/2 at 512 px: device peak (2-block run + 26 blocks' fp32 weights)",
+        "<= 24 GB", None if pd is None else pd[1], None if pd is None else pd[1] <= 24 * GB,
+        None if pd is None else f"{pd[1] / GB:.1f} GB ({pd[0] / GB:.1f} measured)")
     return g
 
 
@@ -583,13 +603,26 @@ def _md_train_4b(r: dict) -> list[str]:
             f"{_mb(mem.get('alias_size'))}, temporaries {_mb(mem.get('temp_size'))}); compiled in {t['compile_s']} s."]
 
 
+def _md_ptq(r: dict) -> list[str]:
+    run = r["methods"]["ptq4dit_512"]["runs"][0]
+    if "error" in run:
+        return ["## PTQ4DiT at 512 px", "", f"The run failed: {run['error']}"]
+    rows = [[name, _fmt(st["seconds"], ".4g"), _mb(st["host_peak_bytes"]), _mb(st["device_peak_bytes"])]
+            for name, st in run["stages"].items()]
+    units = ", ".join(f"{u['unit']} {u['seconds']:.3g}" for u in run["units"])
+    return ["## PTQ4DiT at 512 px (DiT-XL/2 width, random weights)", "",
+            f"{run['depth']} blocks, {run['entries']} calibration entries, {r['settings']['recon_iters']} "
+            f"reconstruction iterations per unit ({run['platform']}).", ""] + \
+        _md_table(["stage", "s", "host peak MB", "device peak MB"], rows) + ["", f"Seconds per unit: {units}."]
+
+
 def _md_demo(r: dict) -> list[str]:
     return ["## Demo", "", f"Grid: `{r.get('grid')}`; {r['steps_logged']} logged steps, the last: "
             f"`{json.dumps(r['last_metrics'])}`."]
 
 
 SECTIONS = (("kernels", _md_kernels), ("sample_4.2b", _md_sample), ("train_600m", _md_train),
-            ("train_4.2b_512", _md_train_4b), ("sample_600m", _md_sample), ("demo", _md_demo))
+            ("train_4.2b_512", _md_train_4b), ("sample_600m", _md_sample), ("demo", _md_demo), ("ptq_512", _md_ptq))
 
 
 def render_md(report: dict) -> str:
