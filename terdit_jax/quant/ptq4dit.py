@@ -190,8 +190,8 @@ def reconstruct_all(job, model, done: int) -> list[dict]:
             job.log(f"reconstruction: unit {i + 1} of {len(units)} ({unit.name})")
             for part in unit.parts() if q.t_mlp == "layers" else [unit]:
                 t0 = time.perf_counter()
-                target = target_of(unit, carry_fp_next) if PARTS.get(part.part) is None else run_unit(fp, part,
-                                                                                                      carry_fp)
+                own = PARTS.get(part.part) is not None  # a linear judged at its own output
+                target = run_unit(fp, part, carry_fp) if own else target_of(unit, carry_fp_next)
                 r = reconstruct(model, part, carry_q, target, job.calib.groups(), settings,
                                 desc=f"unit {i + 1}/{len(units)} {part.name}")
                 report.append({"unit": part.name, "kind": unit.kind, **r,

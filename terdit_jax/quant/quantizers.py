@@ -257,6 +257,11 @@ def two_region_softmax(x: jax.Array, split, bits: int) -> jax.Array:
     return jnp.where(x < split, q1, q2)
 
 
+def gelu_negative_step(bits: int) -> float:
+    """TQ-DiT's fixed Δ− of the post-GELU quantizer: GELU's negative range over 2^(b−1) levels."""
+    return GELU_MIN / 2 ** (bits - 1)
+
+
 def two_region_signed(x: jax.Array, delta, delta_neg, bits: int) -> jax.Array:
     """The two-regions-around-0 quantizer (TwoRegionSigned) with steps Δ+ and Δ−, as a function of its values."""
     m = 2 ** (bits - 1)
@@ -290,14 +295,11 @@ class TwoRegionSoftmax(_TimeGrouped):
         self._init_groups(time_groups, num_timesteps)
         self.split = QuantState(jnp.full(self._lead(), 2.0 ** -self.bits, jnp.float32))
 
-    def quantize(self, x, split):
-        return two_region_softmax(x, split, self.bits)
-
     def __call__(self, x: jax.Array, t: jax.Array | None) -> jax.Array:
         xf = x.astype(jnp.float32)
         split = self._pick(self.split[...][..., None, None, None] if self.time_groups > 1 else self.split[...], t,
                            xf.ndim)
-        return self.quantize(xf, split).astype(x.dtype)
+        return two_region_softmax(xf, split, self.bits).astype(x.dtype)
 
 
 class TwoRegionSigned(_TimeGrouped):
@@ -314,10 +316,7 @@ class TwoRegionSigned(_TimeGrouped):
         self.delta_neg = None if self.fixed_negative else QuantState(jnp.ones(self._lead(), jnp.float32))
 
     def negative_step(self):
-        return GELU_MIN / 2 ** (self.bits - 1) if self.fixed_negative else self.delta_neg[...]
-
-    def quantize(self, x, delta, delta_neg):
-        return two_region_signed(x, delta, delta_neg, self.bits)
+        return gelu_negative_step(self.bits) if self.fixed_negative else self.delta_neg[...]
 
     def __call__(self, x: jax.Array, t: jax.Array | None) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -325,7 +324,7 @@ class TwoRegionSigned(_TimeGrouped):
         delta = self._pick(lift(self.delta[...]), t, xf.ndim)
         neg = self.negative_step()
         neg = neg if self.fixed_negative else self._pick(lift(neg), t, xf.ndim)
-        return self.quantize(xf, delta, neg).astype(x.dtype)
+        return two_region_signed(xf, delta, neg, self.bits).astype(x.dtype)
 
 
 class TwoRegionGELU(TwoRegionSigned):

@@ -64,8 +64,8 @@ from terdit_jax import trees
 from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.quant import ptq
 from terdit_jax.quant.ptq import QuantizeError
-from terdit_jax.quant.quantizers import (GELU_MIN, QuantState, TwoRegionGELU, TwoRegionSoftmax, UniformQuantizer,
-                                         fake_quant, two_region_signed, two_region_softmax)
+from terdit_jax.quant.quantizers import (QuantState, TwoRegionGELU, TwoRegionSoftmax, UniformQuantizer, fake_quant,
+                                         gelu_negative_step, two_region_signed, two_region_softmax)
 from terdit_jax.quant.sites import site_path, sites_of
 from terdit_jax.quant.units import Carry, advance, batches, observe_unit, to_device, unit_list, unit_prefix
 
@@ -298,7 +298,7 @@ class QSpec:
         if self.kind == "softmax":
             return two_region_softmax(x, values["split"], self.bits)
         if self.kind == "signed":
-            neg = (ptq_gelu_negative(self.bits) if self.fixed_negative else values["delta_neg"])
+            neg = gelu_negative_step(self.bits) if self.fixed_negative else values["delta_neg"]
             return two_region_signed(x, values["delta"], neg, self.bits)
         if self.split is None:
             return fake_quant(x, values["delta"], 0.0, self.lo, self.hi)
@@ -306,10 +306,6 @@ class QSpec:
         a %= x.ndim
         view = x.reshape(x.shape[:a] + (x.shape[a] // gs, gs) + x.shape[a + 1:])
         return fake_quant(view, values["delta"], 0.0, self.lo, self.hi).reshape(x.shape)
-
-
-def ptq_gelu_negative(bits: int) -> float:
-    return GELU_MIN / 2 ** (bits - 1)
 
 
 class Operand:
@@ -552,7 +548,7 @@ def quantize(job) -> dict:
             if u < start[0] or not layers:
                 carry = advance(model if q.sequential else fp_model, unit, carry)
                 continue
-            weights = ho.of_unit(u) if ho is not None and layers else {}
+            weights = ho.of_unit(u) if ho is not None else {}
             qs = sites_of(model)
             for k, layer in enumerate(layers):
                 if (u, k) < start:
