@@ -8,7 +8,7 @@ random weights at reduced depth and calibration size, fitted and extrapolated to
 Every run is `--mode quantize` in its own process (so its host peak is its own) on random full-precision weights of
 configs/dit_xl2_<size>.py with `depth` blocks, `calib_steps` × `latents` × {class, null} calibration entries, a
 few reconstruction iterations (PTQ4DiT) and a small α grid (TQ-DiT); the quantize stages report seconds, peak
-resident host bytes and the device's peak bytes (quant/run.py `Stages`; not measured on a CPU). Per method and
+resident host bytes and the device's peak bytes (ptq/run.py `Stages`; not measured on a CPU). Per method and
 size it runs (E1, 1), (E2, 1), (E3, 1), (E1, 2) in (entries, depth) and fits host peak = a + b·E + c·depth by
 least squares on the three runs that determine it, reports the fourth-E check (how far the line misses E3: the
 growth is linear when that is small) and extrapolates to the official settings: 28 blocks and the config's
@@ -59,7 +59,7 @@ def one_run(spec: dict) -> dict:
     from terdit_jax.checkpoint import Checkpoints
     from terdit_jax.config import finalize
     from terdit_jax.model_fn import init_model
-    from terdit_jax.quant.run import run_quantize_mode
+    from terdit_jax.ptq.run import run_quantize_mode
     from importlib import import_module
 
     c = import_module(f"terdit_jax.configs.dit_xl2_{spec['size']}").get_config()

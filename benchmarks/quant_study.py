@@ -34,7 +34,7 @@ from terdit_jax.config import finalize  # noqa: E402
 from terdit_jax.configs.demo import get_config as demo_config  # noqa: E402
 from terdit_jax.data.digits import load_digits  # noqa: E402
 from terdit_jax.eval import digit_cnn, metrics  # noqa: E402
-from terdit_jax.quant.run import Stages, run_quantize_mode  # noqa: E402
+from terdit_jax.ptq.run import Stages, run_quantize_mode  # noqa: E402
 from terdit_jax.sample import generate, load_for_sampling, save_grid  # noqa: E402
 
 REFERENCE, TERDIT, QAT, PTQ = "reference", "TerDiT", "other QAT", "PTQ"

@@ -32,7 +32,7 @@ class CheckpointError(RuntimeError):
 
 # Model fields added later, with the value every older checkpoint and export has.
 ADDED_MODEL_FIELDS = {"prediction": "eps", "family": DEFAULT_FAMILY, "sites": (), "act_bits": 16, "bitnet_norm": "rms",
-                      "pre_norms": True, "packed_from": "ternary"}
+                      "pre_norms": True, "packed_from": "ternary", "deployed": False}
 # Compute settings do not change the parameter tree; every other model field does (or changes its meaning).
 RUNTIME_MODEL_FIELDS = ("dtype", "alpha_init", "ternary_gamma", "tensor_shards", "packed_act_dtype", "packed_backend",
                         "packed_act_force")

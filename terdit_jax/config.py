@@ -18,10 +18,10 @@ from terdit_jax.models.bitnet import BITNET_NORMS
 from terdit_jax.models.linears import ACT_BITS_KINDS, LINEAR_KINDS, PACKABLE_KINDS
 from terdit_jax.models.ternary import ACT_BITS, ALPHA_INITS, GAMMA_MODES
 from terdit_jax.parallel import REMAT_POLICIES
-from terdit_jax.quant.calibration import CLASS_MODES
-from terdit_jax.quant.methods import METHODS
-from terdit_jax.quant.ptq4dit import SSC_MODES, T_MLP_MODES
-from terdit_jax.quant.tqdit import HO_MODES, TGQ_SCOPES
+from terdit_jax.ptq.calibration import CLASS_MODES
+from terdit_jax.ptq.methods import METHODS
+from terdit_jax.ptq.ptq4dit import SSC_MODES, T_MLP_MODES
+from terdit_jax.ptq.tqdit import HO_MODES, TGQ_SCOPES
 from terdit_jax.quant.quantizers import INITS
 from terdit_kernels.ops import BACKENDS
 from terdit_kernels.reference import ACT_DTYPES
@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Quantization sites (quant/sites.py): ordered rules {"path": regex, "kind": quantizer kind, **settings}; the
     # first match wins. Empty: no site is quantized. A quantization method writes these; users rarely do.
     m.sites = ()
+    # A deployed post-training-quantized model (`--mode export` of a quantized model): every linear whose weight a
+    # site rule quantizes holds integer codes and multiplies integers (models/integer.py). Set by the export.
+    m.deployed = False
 
     c.data = d = ml_collections.ConfigDict()
     d.kind = "imagenet_latents"  # "digits" | "imagenet_latents" | "imagenet"

@@ -1,11 +1,17 @@
-"""Deployable packed checkpoints: ternary layers at 2 bits, everything else in its own dtype (float32).
+"""Deployable exports, one format family: packed ternary models (kind "ternary": ternary layers at 2 bits) and
+deployed post-training-quantized models (kind "ptq": integer weights, written by `ptq.deploy`), everything else in
+its own dtype (float32).
 
 Layout of an export directory (written to a temporary sibling and renamed at the end, so a half-written
 export never looks valid)::
 
-    <out_dir>/manifest.json   format name/version, PACK_FORMAT, model config, label order, byte counts
-    <out_dir>/params/         Orbax (StandardCheckpointer) tree: the packed model's variables, nested
+    <out_dir>/manifest.json   format name/version, kind, the code formats, model config, label order, byte counts
+    <out_dir>/params/         Orbax (StandardCheckpointer) tree: the deployed model's variables, nested
                               dicts with string keys ("layers" → "0" → "attention" → "wq" → "packed")
+
+Version 2 added the manifest's "kind"; a version 1 manifest is a packed ternary export. `load_packed` reads both
+kinds: a ternary export builds the model with the "packed" linear kind, a PTQ export with `model.deployed=True`
+(integer linears, `models/integer.py`), and either samples with `--config.sample.packed_path`.
 
 Each ternary layer stores `packed` = terdit_kernels.pack(W_t) with W_t = absmean_ternary(latent EMA
 kernel) — exactly the training quantizer (TerDiT eq. 2, `models.ternary.absmean_ternary`) — and its
@@ -35,7 +41,7 @@ import terdit_kernels
 from terdit_jax import trees
 from terdit_jax.checkpoint import ADDED_MODEL_FIELDS, RUNTIME_MODEL_FIELDS, load_ema
 from terdit_jax.labels import LABEL_ORDERS
-from terdit_jax.model_fn import split_packed
+from terdit_jax.model_fn import ApplyDiT, split_packed
 from terdit_jax.models import packed as packed_lib
 from terdit_jax.models.bitnet import bitnet_gamma
 from terdit_jax.models.families import abstract
@@ -43,7 +49,8 @@ from terdit_jax.models.linears import PACKABLE_KINDS
 from terdit_jax.models.ternary import ACT_BITS, absmean_ternary
 
 FORMAT_NAME = "terdit-jax-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest "kind" ("ternary" | "ptq"); 1: packed ternary only
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PARAMS_DIR = "params"
 
@@ -117,32 +124,26 @@ def pack_state(ternary_params, model_cfg) -> nnx.State:
     return state
 
 
-def write_packed(out_dir: str, state: nnx.State, model_cfg, *, label_order: str = "imagenet",
-                 source: dict | None = None, overwrite: bool = False) -> dict:
-    """Write a packed model state + manifest to `out_dir` (temp dir + rename). Returns the manifest."""
+def check_free(out_dir: str, overwrite: bool) -> None:
+    """An export may go to `out_dir`: it does not exist, or `overwrite` says to replace it."""
+    if os.path.exists(out_dir) and not overwrite:
+        complete = os.path.exists(os.path.join(out_dir, MANIFEST))
+        raise ExportError(f"{out_dir} exists{'' if complete else ' (without a manifest: a half-written export?)'}; "
+                          "pass --overwrite to replace it, or another --out")
+
+
+def write_export(out_dir: str, state: nnx.State, manifest: dict, *, overwrite: bool = False) -> dict:
+    """Write a deployable model (its variables + `manifest`, which gets the format name and version) to `out_dir`
+    through a temporary sibling renamed at the end: the manifest is written last, so a half-written export never
+    looks complete. Refuses an existing `out_dir` unless `overwrite`. Returns the manifest as a reader sees it."""
     import orbax.checkpoint as ocp
 
-    if label_order not in LABEL_ORDERS:
-        raise ExportError(f"label_order must be one of {LABEL_ORDERS}, got {label_order!r}")
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise ExportError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    cfg = packed_model_config(model_cfg)
-    act_bits = int(cfg.get("act_bits", 16))
-    cfg.packed_act_dtype = TRAINED_ACT_DTYPES[act_bits][0]  # the manifest's own setting: what was trained
+    check_free(out_dir, overwrite)
     flat = trees.flat(state)
-    ternary = sorted(k[:-len(".packed")] for k in flat if k.endswith(".packed"))
-    nbytes = int(sum(v.nbytes for v in flat.values()))
-    manifest = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "pack_format": terdit_kernels.PACK_FORMAT,
-        "act_bits": act_bits, "activations": ACTIVATIONS[act_bits],
-        "model": cfg.to_dict(), "label_order": label_order, "num_classes": int(cfg.num_classes),
-        "null_class": int(cfg.num_classes), "nbytes": nbytes,
-        "nbytes_packed_codes": int(sum(flat[k + ".packed"].nbytes for k in ternary)),
-        "ternary_layers": ternary, "dtypes": sorted({str(np.dtype(v.dtype)) for v in flat.values()}),
-        "source": source or {},
-    }
-    manifest = json.loads(json.dumps(manifest))  # exactly what a reader gets back (tuples become lists)
+    manifest = json.loads(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, **manifest,
+                                      "nbytes": int(sum(v.nbytes for v in flat.values())),
+                                      "dtypes": sorted({str(np.dtype(v.dtype)) for v in flat.values()})}))
     tmp = trees.staging_dir(out_dir)
     try:
         ckptr = ocp.StandardCheckpointer()
@@ -156,6 +157,27 @@ def write_packed(out_dir: str, state: nnx.State, model_cfg, *, label_order: str 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def write_packed(out_dir: str, state: nnx.State, model_cfg, *, label_order: str = "imagenet",
+                 source: dict | None = None, overwrite: bool = False) -> dict:
+    """Write a packed ternary model state + manifest to `out_dir` (`write_export`). Returns the manifest."""
+    if label_order not in LABEL_ORDERS:
+        raise ExportError(f"label_order must be one of {LABEL_ORDERS}, got {label_order!r}")
+    cfg = packed_model_config(model_cfg)
+    act_bits = int(cfg.get("act_bits", 16))
+    cfg.packed_act_dtype = TRAINED_ACT_DTYPES[act_bits][0]  # the manifest's own setting: what was trained
+    flat = trees.flat(state)
+    ternary = sorted(k[:-len(".packed")] for k in flat if k.endswith(".packed"))
+    manifest = {
+        "kind": "ternary", "pack_format": terdit_kernels.PACK_FORMAT,
+        "act_bits": act_bits, "activations": ACTIVATIONS[act_bits],
+        "model": cfg.to_dict(), "label_order": label_order, "num_classes": int(cfg.num_classes),
+        "null_class": int(cfg.num_classes),
+        "nbytes_packed_codes": int(sum(flat[k + ".packed"].nbytes for k in ternary)),
+        "ternary_layers": ternary, "source": source or {},
+    }
+    return write_export(out_dir, state, manifest, overwrite=overwrite)
 
 
 def export_packed(config, workdir_or_params, out_dir: str, *, step: int = -1, overwrite: bool = False) -> dict:
@@ -178,20 +200,7 @@ def export_packed(config, workdir_or_params, out_dir: str, *, step: int = -1, ov
     return write_packed(out_dir, state, config.model, label_order="imagenet", source=source, overwrite=overwrite)
 
 
-def read_manifest(path: str) -> dict:
-    """The manifest of a packed export; a clear error for a missing, partial or foreign directory."""
-    mpath = os.path.join(path, MANIFEST)
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path} is not a complete packed export (no readable {MANIFEST}: {e}); "
-                          "re-run the export (terdit_jax.export.export_packed)") from e
-    if manifest.get("format") != FORMAT_NAME:
-        raise ExportError(f"{path}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ExportError(f"{path}: format version {manifest.get('version')} is not supported "
-                          f"(this code reads version {FORMAT_VERSION}); re-export with this version")
+def _check_ternary(path: str, manifest: dict) -> None:
     if manifest.get("pack_format") != terdit_kernels.PACK_FORMAT:
         raise ExportError(f"{path}: packed with {manifest.get('pack_format')!r} but the kernels use "
                           f"{terdit_kernels.PACK_FORMAT!r}; re-export it")
@@ -199,6 +208,37 @@ def read_manifest(path: str) -> dict:
     if manifest.get("act_bits", model_bits) != model_bits:
         raise ExportError(f"{path}: the manifest says act_bits={manifest['act_bits']} but its model config says "
                           f"{model_bits}; re-export it")
+
+
+def _check_ptq(path: str, manifest: dict) -> None:
+    if manifest.get("int4_format") != terdit_kernels.INT4_PACK_FORMAT:
+        raise ExportError(f"{path}: 4-bit codes in {manifest.get('int4_format')!r} but the kernels use "
+                          f"{terdit_kernels.INT4_PACK_FORMAT!r}; export the quantized model again")
+
+
+# manifest "kind" → its checks (version 1 manifests are packed ternary and have no kind)
+KIND_CHECKS = {"ternary": _check_ternary, "ptq": _check_ptq}
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest of a deployable export (packed ternary or integer PTQ); a clear error for a missing, partial
+    or foreign directory."""
+    mpath = os.path.join(path, MANIFEST)
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path} is not a complete packed export (no readable {MANIFEST}: {e}); "
+                          "re-run the export (--mode export)") from e
+    if manifest.get("format") != FORMAT_NAME:
+        raise ExportError(f"{path}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}")
+    if manifest.get("version") not in READ_VERSIONS:
+        raise ExportError(f"{path}: format version {manifest.get('version')} is not supported "
+                          f"(this code reads versions {READ_VERSIONS}); re-export with this version")
+    kind = manifest.setdefault("kind", "ternary")
+    if kind not in KIND_CHECKS:
+        raise ExportError(f"{path}: an export of kind {kind!r}; this code deploys {sorted(KIND_CHECKS)}")
+    KIND_CHECKS[kind](path, manifest)
     return manifest
 
 
@@ -242,25 +282,38 @@ def packed_act_dtype_for(arch: dict, runtime=None) -> str:
 
 
 def load_packed(path: str, runtime=None, *, fuse_adaln: bool = True):
-    """Restore a packed export → (apply, params, model_cfg_dict, manifest).
+    """Restore a deployable export, packed ternary or integer PTQ (`ptq.deploy`) → (apply, params, model_cfg_dict,
+    manifest).
 
     apply(params, x, t, y) has the `model_fn.ApplyDiT` contract (use `model_fn.bind(apply, params)` with the
     samplers). The architecture comes from the manifest; the compute settings (`model.dtype`,
     `model.packed_act_dtype`, `model.packed_backend`) from `runtime` (a model config or a dict of those fields;
     default: the manifest's), the activation dtype checked against the export's (`packed_act_dtype_for`; the
-    returned config holds the one used). fuse_adaln computes all blocks' adaLN in one matmul.
+    returned config holds the one used). fuse_adaln computes all blocks' adaLN in one matmul (ternary exports).
     """
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     manifest = read_manifest(path)
+    if manifest["kind"] == "ptq":
+        cfg = runtime_model_config(manifest["model"], runtime)
+        graphdef, params = _restore(path, nnx.split(abstract(cfg)))
+        return ApplyDiT(graphdef), params, cfg.to_dict(), manifest
     try:
         act_dtype = packed_act_dtype_for(manifest["model"], runtime)
     except ExportError as e:
         raise ExportError(f"{path}: {e}") from None
     cfg = runtime_model_config(manifest["model"], runtime)
     cfg.packed_act_dtype = act_dtype
-    graphdef, target = abstract_packed(cfg)
+    model = nnx.merge(*_restore(path, abstract_packed(cfg)))
+    packed_lib.configure_packed(model, *packed_lib.packed_settings(cfg))
+    apply, params = split_packed(model, fuse=fuse_adaln)
+    return apply, params, cfg.to_dict(), manifest
+
+
+def _restore(path: str, abstract_split) -> tuple:
+    """(graphdef, state) of an export's variables, restored into the abstract (graphdef, state) of its model."""
+    import orbax.checkpoint as ocp
+
+    graphdef, target = abstract_split
     try:
         ckptr = ocp.StandardCheckpointer()
         tree = ckptr.restore(os.path.join(path, PARAMS_DIR), trees.nested(target))
@@ -271,7 +324,4 @@ def load_packed(path: str, runtime=None, *, fuse_adaln: bool = True):
     if missing or bad:
         raise ExportError(f"{path}: the packed parameters do not match its manifest (missing {missing[:10]}, "
                           f"bad {bad[:10]}); re-export it")
-    model = nnx.merge(graphdef, state)
-    packed_lib.configure_packed(model, *packed_lib.packed_settings(cfg))
-    apply, params = split_packed(model, fuse=fuse_adaln)
-    return apply, params, cfg.to_dict(), manifest
+    return graphdef, state

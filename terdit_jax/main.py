@@ -92,6 +92,11 @@ def _eval(config, workdir: str, out_dir: str | None, overwrite: bool):
 
 
 def _export(config, workdir: str, out_dir: str | None, overwrite: bool):
+    if config.sample.quantized:  # a post-training-quantized model → integer weights and matmuls
+        from terdit_jax.ptq.deploy import export_deployed
+        manifest = export_deployed(config, workdir, out_dir, overwrite=overwrite, log=_say)
+        _say(f"sample from it with --mode sample --config.sample.packed_path={manifest['path']}")
+        return
     from terdit_jax.export import export_packed
     out = out_dir or os.path.join(workdir, "packed")
     manifest = export_packed(config, workdir, out, step=config.sample.step, overwrite=overwrite)
@@ -107,7 +112,7 @@ def _export_orbax(config, workdir: str, out_dir: str | None, overwrite: bool):
 
 
 def _quantize(config, workdir: str, out_dir: str | None, overwrite: bool):
-    from terdit_jax.quant.run import run_quantize_mode
+    from terdit_jax.ptq.run import run_quantize_mode
     run_quantize_mode(config, workdir, overwrite=overwrite, log=_say)
 
 
@@ -141,8 +146,8 @@ def main(argv):
     from terdit_jax.checkpoint import CheckpointError
     from terdit_jax.config import ConfigError
     from terdit_jax.export import ExportError
-    from terdit_jax.quant.calibration import CalibrationError
-    from terdit_jax.quant.run import QuantizeError
+    from terdit_jax.ptq.calibration import CalibrationError
+    from terdit_jax.ptq.run import QuantizeError
     from terdit_jax.quant.sites import SiteError
     from terdit_jax.train import TrainingDiverged
 

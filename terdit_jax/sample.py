@@ -11,15 +11,15 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
-from terdit_jax.checkpoint import adopt_architecture, load_ema, stored_model
+from terdit_jax.checkpoint import adopt_architecture, load_ema, model_signature, stored_model
 from terdit_jax.config import finalize, sample_labels
 from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.diffusion.samplers import sample
 from terdit_jax.eval.adm_npz import write_adm_batch
-from terdit_jax.export import load_packed, read_manifest as read_packed_manifest
+from terdit_jax.export import ExportError, load_packed, read_manifest as read_packed_manifest
 from terdit_jax.labels import to_model_labels
 from terdit_jax.model_fn import bind
-from terdit_jax.quant import checkpoint as qckpt
+from terdit_jax.ptq import checkpoint as qckpt
 from terdit_jax.registry import Registry
 
 
@@ -129,13 +129,32 @@ def _load_packed(config, workdir: str, log=print):
     export was trained with (an A8 export samples on the int8 path unasked); `model.packed_act_force` overrides
     that on purpose (`export.packed_act_dtype_for`). The returned config holds the precision used."""
     path = config.sample.packed_path
-    adopt_architecture(config, read_packed_manifest(path)["model"], f"the packed export {path}",
-                       ignore=("sites", "linear", "packed_from"), log=log)
+    stored = read_packed_manifest(path)
+    if stored["kind"] == "ptq":
+        check_deployed(stored, config, path)
+    adopt_architecture(config, stored["model"], f"the packed export {path}",
+                       ignore=("sites", "linear", "packed_from", "deployed"), log=log)
     apply, params, model_cfg, manifest = load_packed(path, config.model)
     packed = ml_collections.ConfigDict(config.to_dict())
     packed.model = ml_collections.ConfigDict({**model_cfg, "name": "custom"})
     step = int(manifest.get("source", {}).get("step", 0))
     return finalize(packed), apply, params, step, lambda labels: to_model_labels(labels, manifest)
+
+
+def check_deployed(manifest: dict, config, path: str) -> None:
+    """A deployed PTQ model samples only the architecture it was quantized for, and (with per-time-group
+    activation parameters) the step count it was calibrated with."""
+    have, want = model_signature(manifest["model"]), model_signature(config.model)
+    diff = sorted(k for k in set(have) | set(want) if k not in ("sites", "linear", "deployed", "quantized_layers")
+                  and have.get(k) != want.get(k))
+    if diff:
+        raise ExportError(f"{path} is a deployed model of another architecture: "
+                          + ", ".join(f"model.{k}={have.get(k)!r} (config: {want.get(k)!r})" for k in diff)
+                          + "; sample it with the config it was quantized from")
+    try:
+        qckpt.check_sampler(manifest, config, path)
+    except qckpt.QuantizedModelError as e:
+        raise ExportError(str(e)) from None
 
 
 def _identify_quantized(config, workdir: str) -> dict:

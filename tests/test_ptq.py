@@ -14,9 +14,9 @@ from terdit_jax import trees
 from terdit_jax.checkpoint import Checkpoints
 from terdit_jax.config import base_config, finalize
 from terdit_jax.model_fn import init_model
-from terdit_jax.quant import checkpoint as qckpt, ptq, ptq4dit
-from terdit_jax.quant.calibration import CalibrationError, calibration_set, selected_steps
-from terdit_jax.quant.run import run_quantize_mode
+from terdit_jax.ptq import checkpoint as qckpt, common as ptq, ptq4dit
+from terdit_jax.ptq.calibration import CalibrationError, calibration_set, selected_steps
+from terdit_jax.ptq.run import run_quantize_mode
 
 
 def pixel_config(**model):
@@ -36,11 +36,11 @@ def quick(config, **quant):
     return c
 
 
-def randomised(params, seed=0):
+def randomised(params, seed=0, scale=0.2):
     rng, leaves = np.random.default_rng(seed), []
     for path, var in nnx.to_flat_state(params):
         v = var.get_value()
-        new = 1 + 0.1 * rng.standard_normal(v.shape) if path[-1] == "weight" else 0.2 * rng.standard_normal(v.shape)
+        new = 1 + 0.1 * rng.standard_normal(v.shape) if path[-1] == "weight" else scale * rng.standard_normal(v.shape)
         leaves.append((path, var.replace(jnp.asarray(new, v.dtype))))
     return nnx.from_flat_state(leaves)
 
@@ -76,8 +76,8 @@ def test_ssc_weights_are_softmax_of_minus_spearman():
 def test_reconstruction_loss_is_the_official_lp_loss_in_the_official_layout(kind):
     """Q-Diffusion's lp_loss sums axis 1 of the official unit output: the conv embedder's (B, D, h, w), the t-MLP's
     (B, D), a block's (B, T, D), the final linear's (B, T, p²C) before unpatchify; ours has other layouts."""
-    from terdit_jax.quant.reconstruct import recon_loss, summed_size
-    from terdit_jax.quant.units import Carry, Unit
+    from terdit_jax.ptq.reconstruct import recon_loss, summed_size
+    from terdit_jax.ptq.units import Carry, Unit
     rng, b, h, p, c, d = np.random.default_rng(0), 3, 8, 2, 4, 6
     tokens = rng.standard_normal((b, (h // p) ** 2, d)).astype(np.float32)
     ours = {"embed": (b, (h // p) ** 2, d), "condition": (b, d), "block": (b, (h // p) ** 2, d), "unembed": (b, h, h, c)}
@@ -97,8 +97,8 @@ def test_t_mlp_layers_are_reconstructed_at_their_own_outputs(fp_run):
     """PTQ4DiT's layer reconstruction of the t-MLP (the official code): what t_embedder.mlp_0 learns is judged at
     its own output, so it cannot depend on mlp_2's weights (the joint unit's does: the check can fail), and the
     mlp_2 step leaves mlp_0 as it was."""
-    from terdit_jax.quant.reconstruct import ReconSettings, reconstruct
-    from terdit_jax.quant.units import Carry, Unit, run_unit
+    from terdit_jax.ptq.reconstruct import ReconSettings, reconstruct
+    from terdit_jax.ptq.units import Carry, Unit, run_unit
 
     config, _, params = fp_run
     values = trees.flat(params)

@@ -18,9 +18,9 @@ from conftest import CACHE
 from terdit_jax.checkpoint import Checkpoints
 from terdit_jax.config import ConfigError, finalize
 from terdit_jax.model_fn import init_model
-from terdit_jax.quant import checkpoint as qckpt
-from terdit_jax.quant.calibration import CalibSet
-from terdit_jax.quant.run import Job, QuantizeError, run_quantize_mode, settings_of
+from terdit_jax.ptq import checkpoint as qckpt
+from terdit_jax.ptq.calibration import CalibSet
+from terdit_jax.ptq.run import Job, QuantizeError, run_quantize_mode, settings_of
 from test_ptq import randomised
 
 # The 2-block FP Large-DiT of test_ptq.pixel_config on 8×8×1 pixels, with test_ptq.quick's settings.
@@ -204,7 +204,7 @@ def test_sigterm_in_reconstruction_keeps_the_resume_point_exits_0_and_the_resume
 
 
 def test_sigterm_before_the_first_resume_point_says_so_and_leaves_no_half_file(fp_workdir, monkeypatch):
-    from terdit_jax.quant import calibration
+    from terdit_jax.ptq import calibration
 
     cfg_file, workdir = fp_workdir
     copy = workdir + "_sigterm_calib"
@@ -316,3 +316,22 @@ def test_the_official_preset_sets_the_codes_choices_and_refuses_a_conflicting_fi
     c.quant.recon_iters = 500
     with pytest.raises(ConfigError, match=r"quant.recon_iters: 500 conflicts with quant.preset='official'"):
         finalize(c)
+
+
+def test_export_deploys_a_quantized_model_that_samples_and_refuses_to_overwrite_it(fp_workdir):
+    """--mode export --config.sample.quantized=NAME → <workdir>/quantized/NAME/deployed (integer weights);
+    --config.sample.packed_path samples it; a second export exits 2 with one error line and leaves it alone."""
+    cfg_file, workdir = fp_workdir
+    if not os.path.exists(qckpt.model_dir(workdir, "rtn_w8a8")):
+        run_quantize_mode(config_of(cfg_file, method="rtn", w_bits=8, a_bits=8), workdir, log=lambda *_: None)
+    r = cli(cfg_file, workdir, "--mode", "export", "--config.sample.quantized=rtn_w8a8")
+    assert r.returncode == 0, r.stderr
+    out = os.path.join(qckpt.model_dir(workdir, "rtn_w8a8"), "deployed")
+    assert f"--config.sample.packed_path={out}" in r.stdout
+    stamp = os.path.getmtime(os.path.join(out, "manifest.json"))
+    one_error_line(cli(cfg_file, workdir, "--mode", "export", "--config.sample.quantized=rtn_w8a8"),
+                   "exists; pass --overwrite")
+    assert os.path.getmtime(os.path.join(out, "manifest.json")) == stamp
+    r = cli(cfg_file, workdir, "--mode", "sample", f"--config.sample.packed_path={out}")
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(os.path.join(workdir, "samples", "sample_packed_0000000_ddim4_cfg4.png"))

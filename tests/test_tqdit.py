@@ -12,9 +12,9 @@ from flax import nnx
 
 from terdit_jax import trees
 from terdit_jax.diffusion.gaussian import create_diffusion
-from terdit_jax.quant import checkpoint as qckpt, ptq, tqdit
+from terdit_jax.ptq import checkpoint as qckpt, common as ptq, tqdit
 from terdit_jax.quant.quantizers import TwoRegionGELU, TwoRegionSigned, TwoRegionSoftmax, UniformQuantizer
-from terdit_jax.quant.run import run_quantize_mode
+from terdit_jax.ptq.run import run_quantize_mode
 from test_ptq import fp_run, quick  # noqa: F401,F811  (the tiny FP workdir fixture)
 
 RNG = np.random.default_rng(0)
@@ -159,7 +159,7 @@ def test_fisher_weights_are_every_entrys_own_squared_gradient(fp_run):  # noqa: 
     """Every entry e gets g_e² with g_e = ∂ mean((ε̂_e − ε*_e)²)/∂(site output of e): against a per-entry jax.grad
     through a shift site. (The old loss read the model's first batch row only: g² was non-zero for entries 0, 4.)"""
     from terdit_jax.quant.quantizers import QUANTIZERS
-    from terdit_jax.quant.units import Carry
+    from terdit_jax.ptq.units import Carry
     config, _, params = fp_run
     fp_cfg, values = config.model, {k: np.asarray(v) for k, v in trees.flat(params).items()}
     sites = ["layers.1.attention.wq.output", "layers.0.feed_forward.w2.output"]

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from terdit_jax.models.backbone import Context, DiffusionTransformer, FinalLayer, modulate, patchify
-from terdit_jax.models.layers import (LabelEmbedder, LayerNorm, TimestepEmbedder, attention, attention_sites,
-                                      quantize_qkv, sincos_pos_embed_2d)
+from terdit_jax.models.layers import (LabelEmbedder, LayerNorm, TimestepEmbedder, attention_sites, sincos_pos_embed_2d,
+                                      site_attention)
 from terdit_jax.models.linears import make_linear
 from terdit_jax.models.ternary import xavier_uniform, zeros_init
 from terdit_jax.quant.sites import make_site, quantize
@@ -88,13 +88,15 @@ class Attention(nnx.Module):
         self.proj = make_linear(f"{path}.proj", d, d, axes=("heads", "embed"), **lin)
         sites = attention_sites(path, cfg, self.n_heads, self.head_dim)
         self.q_site, self.k_site, self.v_site, self.probs_site, self.scores_site = sites
+        self.integer = bool(cfg.get("deployed", False))
 
     def __call__(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
         """x (B, T, D) → (B, T, D)."""
         b, n, d = x.shape
         qkv = self.qkv(x, t).reshape(b, n, 3, self.n_heads, self.head_dim)
-        q, k, v, scale = quantize_qkv((self.q_site, self.k_site, self.v_site), *(qkv[:, :, i] for i in range(3)), t)
-        return self.proj(attention(q, k, v, self.probs_site, t, self.scores_site, scale).reshape(b, n, d), t)
+        sites = (self.q_site, self.k_site, self.v_site, self.probs_site, self.scores_site)
+        out = site_attention(sites, *(qkv[:, :, i] for i in range(3)), t, integer=self.integer)
+        return self.proj(out.reshape(b, n, d), t)
 
 
 class Mlp(nnx.Module):

@@ -15,6 +15,7 @@ from flax import nnx
 
 from terdit_jax.models.linears import make_linear
 from terdit_jax.models.ternary import normal_init, xavier_uniform
+from terdit_jax.quant.integer import integer_attention
 from terdit_jax.quant.sites import make_site, quantize
 
 
@@ -106,6 +107,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, probs_site, t: jax.Array
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
+def site_attention(sites: tuple, q: jax.Array, k: jax.Array, v: jax.Array, t: jax.Array | None, *,
+                   integer: bool = False) -> jax.Array:
+    """Attention (B, T, H, hd) → (B, T, H, hd) through its q, k, v, probs, scores `sites` (`attention_sites`). In a
+    deployed model (`integer`) the quantized products run as integer matmuls (`quant.integer.integer_attention`),
+    else, and where the sites have no integer codes, as fake-quantized float."""
+    if integer:
+        out = integer_attention(sites, q, k, v, t)
+        if out is not None:
+            return out
+    q, k, v, scale = quantize_qkv(sites[:3], q, k, v, t)
+    return attention(q, k, v, sites[3], t, sites[4], scale)
+
+
 def attention_sites(path: str, cfg, n_heads: int, head_dim: int) -> tuple:
     """The q, k, v (B, T, H, hd), probs and scores (B, H, T, T) sites of the attention at `path`."""
     qkv = tuple(make_site(f"{path}.{r}", cfg, (None, None, n_heads, head_dim)) for r in "qkv")
@@ -127,6 +141,7 @@ class Attention(nnx.Module):
         self.k_norm = LayerNorm(d, eps=1e-5, affine=True, axis_name="heads") if cfg.qk_norm else None
         sites = attention_sites(path, cfg, self.n_heads, self.head_dim)
         self.q_site, self.k_site, self.v_site, self.probs_site, self.scores_site = sites
+        self.integer = bool(cfg.get("deployed", False))
         # The one input wq, wk and wv share: a deployed kernel quantizes it once (PTQ quantizes it here, not at
         # each linear's own input site).
         self.input_site = make_site(f"{path}.input", cfg, (None, d))
@@ -140,8 +155,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (a.reshape(b, n, self.n_heads, self.head_dim) for a in (q, k, v))
         q, k = apply_rope(q, angles), apply_rope(k, angles)
-        q, k, v, scale = quantize_qkv((self.q_site, self.k_site, self.v_site), q, k, v, t)
-        return self.wo(attention(q, k, v, self.probs_site, t, self.scores_site, scale).reshape(b, n, -1), t)
+        sites = (self.q_site, self.k_site, self.v_site, self.probs_site, self.scores_site)
+        return self.wo(site_attention(sites, q, k, v, t, integer=self.integer).reshape(b, n, -1), t)
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:

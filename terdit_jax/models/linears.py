@@ -15,6 +15,7 @@ from typing import Callable
 from flax import nnx
 
 from terdit_jax.models.bitnet import BitLinear
+from terdit_jax.models.integer import IntDense
 from terdit_jax.models.packed import PackedTernaryDense
 from terdit_jax.models.ternary import Dense, ShardGammaTernaryDense, TernaryDense
 from terdit_jax.quant.sites import make_site
@@ -49,10 +50,14 @@ def _packed(in_features, out_features, cfg, *, kernel_init, **kw):
                               **kw)
 
 
+def _int(in_features, out_features, cfg, *, kernel_init, **kw):
+    return IntDense(in_features, out_features, backend=cfg.get("packed_backend", "auto"), **kw)
+
+
 # name → builder(in_features, out_features, model_cfg, *, use_bias, kernel_init, axes, dtype, rngs,
 #                input_site, weight_site, output_site) → nnx.Module called as layer(x, t)
 LINEAR_KINDS: Registry[Callable] = Registry("linear kind", {"fp": _fp, "ternary": _ternary, "bitnet": _bitnet,
-                                                            "packed": _packed})
+                                                            "packed": _packed, "int": _int})
 PACKABLE_KINDS = ("ternary", "bitnet")  # QAT kinds `export.py` packs (the values of model.packed_from)
 # Kinds for which model.act_bits=8 means something: the QAT kinds train with int8 inputs, a packed model records
 # it (`export.load_packed` then runs int8 activations); "fp" keeps its inputs in model.dtype.
@@ -73,10 +78,12 @@ def layer_kind(path: str, model_cfg) -> str:
 
 def make_linear(path: str, in_features: int, out_features: int, *, model_cfg, rngs: nnx.Rngs, use_bias: bool,
                 kernel_init: Callable, axes, dtype) -> nnx.Module:
-    """Build the linear at `path` (e.g. 'layers.3.attention.wq') with the kind the config picks."""
-    builder = LINEAR_KINDS.get(layer_kind(path, model_cfg))
+    """Build the linear at `path` (e.g. 'layers.3.attention.wq') with the kind the config picks; in a deployed PTQ
+    model (`model.deployed`) every linear whose weight a site rule quantizes is integer ("int")."""
+    input_site = make_site(f"{path}.input", model_cfg, (None, in_features))
+    weight_site = make_site(f"{path}.weight", model_cfg, (in_features, out_features))
+    deployed = model_cfg.get("deployed", False) and weight_site is not None
+    builder = LINEAR_KINDS.get("int" if deployed else layer_kind(path, model_cfg))
     return builder(in_features, out_features, model_cfg, use_bias=use_bias, kernel_init=kernel_init,
-                   axes=tuple(axes), dtype=dtype, rngs=rngs,
-                   input_site=make_site(f"{path}.input", model_cfg, (None, in_features)),
-                   weight_site=make_site(f"{path}.weight", model_cfg, (in_features, out_features)),
+                   axes=tuple(axes), dtype=dtype, rngs=rngs, input_site=input_site, weight_site=weight_site,
                    output_site=make_site(f"{path}.output", model_cfg, (None, out_features)))

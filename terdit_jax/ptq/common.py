@@ -17,7 +17,7 @@ from terdit_jax import trees
 from terdit_jax.models.families import build
 from terdit_jax.quant.quantizers import UniformQuantizer
 from terdit_jax.quant.sites import sites_of
-from terdit_jax.quant.units import Carry, advance, blocks_attr, observe_unit, unit_list
+from terdit_jax.ptq.units import Carry, advance, blocks_attr, observe_unit, unit_list
 
 
 class QuantizeError(ValueError):
@@ -75,7 +75,7 @@ def with_sites(model_cfg, rules) -> ml_collections.ConfigDict:
 def host_model(model_cfg, values: dict | None = None) -> nnx.Module:
     """The model on the host CPU (whatever accelerator there is), with every variable named in `values`
     ({'layers.0.attention.wq.kernel': array}) set from it; the rest keep their initial values (quantizer
-    defaults). Units are moved to the device one at a time (quant/units.py)."""
+    defaults). Units are moved to the device one at a time (ptq/units.py)."""
     with jax.default_device(jax.devices("cpu")[0]):
         model = build(model_cfg, nnx.Rngs(0))
     if values:

@@ -11,7 +11,7 @@ Stages, in the order of the official quant_sample.py:
    official code never released).
 2. Weight quantizers (per output channel, asymmetric, percentile-MSE) on the balanced weights.
 3. Activation quantizers (per tensor, asymmetric, percentile-MSE) unit by unit from the statistics subset.
-4. Reconstruction (quant/reconstruct.py) of every unit: the embedder, the t-MLP's two linears one after the
+4. Reconstruction (ptq/reconstruct.py) of every unit: the embedder, the t-MLP's two linears one after the
    other (layer reconstruction, as the code: mlp_0 against its FP output, then mlp_2 against c; `quant.t_mlp=
    "joint"` reconstructs the conditioning unit as one), each block, the final layer; resumable unit by unit.
 
@@ -26,9 +26,9 @@ import time
 import numpy as np
 from scipy import stats
 
-from terdit_jax.quant import ptq
-from terdit_jax.quant.reconstruct import ReconSettings, reconstruct
-from terdit_jax.quant.units import PARTS, Carry, advance, observe_unit, run_unit, target_of, unit_list
+from terdit_jax.ptq import common as ptq
+from terdit_jax.ptq.reconstruct import ReconSettings, reconstruct
+from terdit_jax.ptq.units import PARTS, Carry, advance, observe_unit, run_unit, target_of, unit_list
 
 SSC_MODES = ("timestep", "sample")
 T_MLP_MODES = ("layers", "joint")  # the t-MLP's two linears reconstructed one after the other (the code), or as one
@@ -136,7 +136,7 @@ def _scale_v(attention, family: str, s: np.ndarray) -> None:
 
 
 def quantize(job) -> dict:
-    """PTQ4DiT on job.fp_values; returns {"model", "model_cfg", "info"} (see quant/run.py for the job)."""
+    """PTQ4DiT on job.fp_values; returns {"model", "model_cfg", "info"} (see ptq/run.py for the job)."""
     q, fp_cfg = job.config.quant, job.fp_cfg
     roles = ptq.roles(fp_cfg)
     family = fp_cfg.get("family", "large_dit")

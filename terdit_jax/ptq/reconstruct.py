@@ -26,7 +26,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from terdit_jax.quant.quantizers import UniformQuantizer, rectified_sigmoid
-from terdit_jax.quant.units import Unit, angles_of, in_unit, to_device, unit_fn, unit_inputs, unit_module
+from terdit_jax.ptq.units import Unit, angles_of, in_unit, to_device, unit_fn, unit_inputs, unit_module
 
 
 @dataclasses.dataclass(frozen=True)

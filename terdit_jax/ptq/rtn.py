@@ -3,7 +3,7 @@
 activations from the calibration set's statistics subset, unit by unit — and nothing else."""
 from __future__ import annotations
 
-from terdit_jax.quant import ptq
+from terdit_jax.ptq import common as ptq
 
 
 def quantize(job) -> dict:

@@ -2,7 +2,7 @@
 
 The driver checks the request, takes the architecture from the checkpoint, reads the EMA weights, makes (or
 reuses) the calibration set, runs the method's `quantize(job)` and writes the quantized model
-(quant/checkpoint.py). Every stage is timed, with the peak resident host memory while it ran and the device's
+(ptq/checkpoint.py). Every stage is timed, with the peak resident host memory while it ran and the device's
 peak memory where the backend reports it; all go to the manifest. An interrupted run resumes from
 <name>.partial/ (the last `job.save`) when it is started again with the same settings.
 
@@ -27,10 +27,10 @@ import numpy as np
 
 from terdit_jax import trees
 from terdit_jax.checkpoint import adopt_architecture, load_ema, stored_model
-from terdit_jax.quant import checkpoint as qckpt
-from terdit_jax.quant.calibration import CalibSet, calibration_set, fingerprint_id
-from terdit_jax.quant.methods import method_module
-from terdit_jax.quant.ptq import QuantizeError, deployed_bytes, values_of
+from terdit_jax.ptq import checkpoint as qckpt
+from terdit_jax.ptq.calibration import CalibSet, calibration_set, fingerprint_id
+from terdit_jax.ptq.methods import method_module
+from terdit_jax.ptq.common import QuantizeError, deployed_bytes, values_of
 
 NOT_MEASURED = "not measured"
 

@@ -62,12 +62,12 @@ from tqdm.auto import tqdm
 
 from terdit_jax import trees
 from terdit_jax.diffusion.gaussian import create_diffusion
-from terdit_jax.quant import ptq
-from terdit_jax.quant.ptq import QuantizeError
+from terdit_jax.ptq import common as ptq
+from terdit_jax.ptq.common import QuantizeError
 from terdit_jax.quant.quantizers import (QuantState, TwoRegionGELU, TwoRegionSoftmax, UniformQuantizer, fake_quant,
                                          gelu_negative_step, two_region_signed, two_region_softmax)
 from terdit_jax.quant.sites import site_path, sites_of
-from terdit_jax.quant.units import Carry, advance, batches, observe_unit, to_device, unit_list, unit_prefix
+from terdit_jax.ptq.units import Carry, advance, batches, observe_unit, to_device, unit_list, unit_prefix
 
 SPLITS = tuple(2.0 ** -i for i in range(20))  # MRQ softmax split candidates
 HO_MODES = ("fisher", "mse")

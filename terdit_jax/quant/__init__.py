@@ -1,4 +1,4 @@
-"""Quantization beyond ternary QAT: quantization sites, fake quantizers, calibration and the PTQ methods.
+"""Quantization primitives below the models: quantization sites, fake quantizers and their integer codes.
 
-Imports nothing, so that the models can use `quant.sites` without pulling in the methods above them.
+The post-training methods, which import the models, live a floor higher in `terdit_jax.ptq`.
 """
