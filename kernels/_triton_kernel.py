@@ -1,6 +1,7 @@
-"""The Triton-language packed-ternary matmul kernel (imports triton; loaded lazily by ``triton_ternary``).
+"""The Triton-language kernels: the packed-ternary matmul and the W4A8 integer matmul (imports triton; loaded
+lazily by ``triton_ternary``).
 
-``ternary_matmul_kernel`` is a plain Python function written in Triton language. ``triton_ternary`` wraps
+``ternary_matmul_kernel`` (and ``int4_matmul_kernel`` alike) is a plain Python function written in Triton language. ``triton_ternary`` wraps
 this one function object twice: ``triton.JITFunction`` (compiled by Triton, launched by
 ``jax_triton.triton_call`` on a GPU) and ``InterpretedFunction`` (what ``TRITON_INTERPRET=1`` makes
 ``triton.jit`` return: Triton's CPU interpreter, driven with torch CPU tensors in the tests). So the tests
@@ -8,8 +9,8 @@ run the very code the GPU compiles.
 """
 import triton.language as tl
 
-# packed rows per layout block == activation columns per 2-bit field (packing._Q); a kernel may only read
-# globals that are tl.constexpr
+# packed rows per layout block == activation columns per 2-bit field (packing._Q), and per 4-bit field of the int4
+# layout (int4.py); a kernel may only read globals that are tl.constexpr
 QUARTER = tl.constexpr(32)
 
 
@@ -74,3 +75,38 @@ def ternary_matmul_kernel(
         if HAS_BIAS:
             y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0)[None, :]
         tl.store(o_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], y.to(o_ptr.dtype.element_ty), mask=out_mask)
+
+
+def int4_matmul_kernel(
+    x_ptr,  # (M, K) int8 activation codes, row-major
+    p_ptr,  # (Kp/2, N) uint8 4-bit codes in terdit-int4-k2-v1 (int4.py)
+    o_ptr,  # (SPLIT_K, M, N) int32 partial accumulators
+    M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,  # K unpadded; Kp = 64 * SPLIT_K * BLOCKS_PER_SPLIT
+    BLOCKS_PER_SPLIT: tl.constexpr,  # 64-row layout blocks of K walked by one program
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """W4A8: program (i, j, t) computes the exact int32 tile (i, j) over K blocks [t*B, (t+1)*B). One (32, BN)
+    byte tile holds the block's two (32, BN) weight halves (high nibble, low nibble; code − 8 is the weight)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rq = tl.arange(0, QUARTER)
+    m_ok = rm < M
+    n_ok = rn < N
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * K
+    acc = tl.full((BM, BN), 0, tl.int32)
+    first = pid_k * BLOCKS_PER_SPLIT
+    for i in range(BLOCKS_PER_SPLIT):
+        b = first + i
+        # out-of-range columns read 0x88 (both codes 8: weight 0) and are never stored
+        codes = tl.load(p_ptr + (b * QUARTER + rq).to(tl.int64)[:, None] * N + rn[None, :],
+                        mask=n_ok[None, :], other=0x88)
+        for h in tl.static_range(2):
+            w = ((codes >> (4 - 4 * h)) & 15).to(tl.int8) - 8  # half h: bits 7-4, 3-0
+            cols = b * 64 + h * QUARTER + rq
+            xs = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols[None, :] < K), other=0)
+            acc = tl.dot(xs, w, acc, out_dtype=tl.int32)  # exact: int8 x int8 -> int32
+    o = o_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(o, acc, mask=m_ok[:, None] & n_ok[None, :])

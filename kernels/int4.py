@@ -1,5 +1,5 @@
-"""Integer weights of deployed post-training-quantized models: 4-bit codes packed two per byte, and the exact
-integer matmul ``int_matmul`` (int8 activations × int8 or packed int4 weights → int32 accumulators).
+"""Integer weights of deployed post-training-quantized models: 4-bit codes packed two per byte, and the XLA path
+of the exact integer matmul (int8 activations × int8 or packed int4 weights → int32 accumulators).
 
 Layout ``INT4_PACK_FORMAT = "terdit-int4-k2-v1"`` for a signed code matrix s (K, N) with values in [-8, 7] (the
 Flax kernel layout: in, out):
@@ -12,7 +12,7 @@ Flax kernel layout: in, out):
   [b*64 + 32, b*64 + 64), as the ternary layout (`packing.py`) does with its four quarters.
 * Packed shape ``(Kp // 2, N)`` uint8; N is not padded.
 
-``int_matmul`` on XLA: int8 weights multiply in one ``dot_general`` with an int32 result (XLA:CPU's integer
+``int_matmul_xla`` (the XLA path of ``ops.int_matmul``): int8 weights multiply in one ``dot_general`` with an int32 result (XLA:CPU's integer
 GEMM, cuBLASLt's int8 tensor-core GEMM on a GPU); packed int4 weights are unpacked to int8 in column tiles of at
 most ``TILE_ELEMENTS`` weights inside the matmul (as the ternary fallback does), so the unpacked matrix never
 exists whole. Every output element is one integer dot over the whole K: exact, whatever the tiling.
@@ -29,7 +29,6 @@ from terdit_kernels.reference import TILE_ELEMENTS, tile_columns
 INT4_PACK_FORMAT = "terdit-int4-k2-v1"
 INT4_BLOCK_K = 64  # K rows per layout block: two nibble fields × 32 packed rows
 _HALF = INT4_BLOCK_K // 2
-INT_BACKENDS = ("auto", "xla")
 
 
 def int4_padded_k(k: int) -> int:
@@ -83,25 +82,13 @@ def _int4_accumulate(x, packed, k: int, tile_elements: int | None) -> jax.Array:
     return lax.fori_loop(0, -(-n // tn), body, init)
 
 
-def int_matmul(x, w, *, k: int, w_bits: int, backend: str = "auto", interpret: bool = False,
-               tile_elements: int | None = TILE_ELEMENTS) -> jax.Array:
-    """Exact int32 Σ_k x[m, k]·w[k, n]: x (..., K) int8 (leading dims flattened into M), w the int8 (K, N) codes
-    (w_bits 8: 5–8-bit codes) or the packed int4 codes (w_bits 4: 2–4-bit codes). → (..., N) int32.
-
-    backend: "xla" (module docstring) or "auto" (the same: a Triton W4A8 kernel is not written yet); interpret is
-    accepted for the kernels' common signature and unused by XLA."""
-    del interpret
-    if backend not in INT_BACKENDS:
-        raise ValueError(f"int_matmul backend must be one of {INT_BACKENDS}, got {backend!r}")
-    if x.dtype != jnp.int8 or x.shape[-1] != k:
-        raise ValueError(f"x must be int8 with last dim K={k}, got {x.dtype}{x.shape}")
-    lead, x2 = x.shape[:-1], x.reshape(-1, k)
+def int_matmul_xla(x2, w, *, k: int, w_bits: int, tile_elements: int | None = TILE_ELEMENTS) -> jax.Array:
+    """The XLA path of `ops.int_matmul` for x2 (M, K) int8: one integer dot (w_bits 8), or the int4 codes unpacked
+    in column tiles (w_bits 4). → (M, N) int32, exact."""
     if w_bits == 8:
         if w.dtype != jnp.int8 or w.shape[0] != k:
             raise ValueError(f"8-bit weights are int8 (K={k}, N), got {w.dtype}{w.shape}")
-        y = _dot(x2, w)
-    elif w_bits == 4:
-        y = _int4_accumulate(x2, w, k, tile_elements)
-    else:
-        raise ValueError(f"w_bits is 8 (int8 codes) or 4 (packed int4 codes), got {w_bits}")
-    return y.reshape(*lead, y.shape[-1])
+        return _dot(x2, w)
+    if w_bits == 4:
+        return _int4_accumulate(x2, w, k, tile_elements)
+    raise ValueError(f"w_bits is 8 (int8 codes) or 4 (packed int4 codes), got {w_bits}")

@@ -25,9 +25,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from terdit_kernels.int4 import TILE_ELEMENTS, int_matmul_xla
 from terdit_kernels.packing import check_k
 from terdit_kernels.pallas_ternary import pallas_ternary_matmul
 from terdit_kernels.reference import ACT_DTYPES, ternary_matmul_reference
+from terdit_kernels.triton_int4 import triton_int4_matmul
 from terdit_kernels.triton_ternary import triton_available, triton_ternary_matmul
 
 BACKENDS = ("auto", "triton", "pallas", "xla")
@@ -108,3 +110,32 @@ def ternary_matmul(x, packed, alpha, *, k: int, bias=None, act_dtype: str = "bf1
     else:
         y = ternary_matmul_reference(x2, packed, alpha, **kw)
     return y.reshape(*lead, n)
+
+
+INT_BACKENDS = ("auto", "triton", "xla")
+
+
+def int_matmul(x, w, *, k: int, w_bits: int, backend: str = "auto", interpret: bool = False,
+               tile_elements: int | None = TILE_ELEMENTS) -> jax.Array:
+    """Exact int32 Σ_k x[m, k]·w[k, n] of a deployed PTQ linear: x (..., K) int8 (leading dims flattened into M),
+    w the int8 (K, N) codes (w_bits 8: 5–8-bit codes) or the packed int4 codes (w_bits 4, `int4.pack_int4`).
+    → (..., N) int32.
+
+    backend "triton": the W4A8 Triton-language kernel (`triton_int4`; w_bits 4 only: 8-bit weights go to XLA's
+    int8 GEMM, which is cuBLASLt's int8 tensor-core GEMM on a GPU and needs no unpacking); "xla": `int4.int_matmul_xla`;
+    "auto": "triton" for int4 on a GPU where jax_triton imports (or when interpreting), else "xla"."""
+    if backend not in INT_BACKENDS:
+        raise ValueError(f"int_matmul backend must be one of {INT_BACKENDS}, got {backend!r}")
+    if x.dtype != jnp.int8 or x.shape[-1] != k:
+        raise ValueError(f"x must be int8 with last dim K={k}, got {x.dtype}{x.shape}")
+    lead, x2 = x.shape[:-1], x.reshape(-1, k)
+    kernel = w_bits == 4 and (backend == "triton" or (backend == "auto" and (
+        interpret or (jax.default_backend() == "gpu" and triton_available()))))
+    if backend == "triton" and not interpret and jax.default_backend() != "gpu":
+        raise ValueError(f"the Triton int4 kernel targets GPUs and this process runs on {jax.default_backend()!r}; "
+                         "use backend='xla', or interpret=True for testing")
+    if kernel:
+        y = triton_int4_matmul(x2, w, k=k, interpret=interpret)
+    else:
+        y = int_matmul_xla(x2, w, k=k, w_bits=w_bits, tile_elements=tile_elements)
+    return y.reshape(*lead, y.shape[-1])

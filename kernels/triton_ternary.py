@@ -44,17 +44,18 @@ def _kernel_module():
 
 
 @functools.cache
-def jit_kernel():
-    """The kernel as a ``triton.JITFunction`` (what ``@triton.jit`` returns without TRITON_INTERPRET)."""
-    fn = _kernel_module().ternary_matmul_kernel
+def jit_kernel(name: str = "ternary_matmul_kernel"):
+    """A kernel of `_triton_kernel` as a ``triton.JITFunction`` (what ``@triton.jit`` returns without
+    TRITON_INTERPRET)."""
+    fn = getattr(_kernel_module(), name)
     from triton.runtime.jit import JITFunction
     return JITFunction(fn)
 
 
 @functools.cache
-def interpreted_kernel():
+def interpreted_kernel(name: str = "ternary_matmul_kernel"):
     """The same kernel function as Triton's interpreter runs it (``@triton.jit`` under TRITON_INTERPRET=1)."""
-    fn = _kernel_module().ternary_matmul_kernel
+    fn = getattr(_kernel_module(), name)
     from triton.runtime.interpreter import InterpretedFunction
     _fix_interpreter_bf16()
     return InterpretedFunction(fn)
@@ -150,28 +151,30 @@ def _torch_dtype(dtype):
             jnp.dtype(jnp.float16): torch.float16, jnp.dtype(jnp.int32): torch.int32}[jnp.dtype(dtype)]
 
 
-def _interpret_host(xa, packed, scale, bias, *, out_shape, grid, meta, num_warps):
+def _interpret_host(*arrays, out_shape, grid, meta, num_warps, kernel):
     import torch
-    args = [_to_torch(np.asarray(a)) for a in (xa, packed, scale, bias)]
+    args = [_to_torch(np.asarray(a)) for a in arrays]
     out = torch.empty(out_shape.shape, dtype=_torch_dtype(out_shape.dtype))
-    interpreted_kernel()[grid](*args, out, **meta, num_warps=num_warps)
+    interpreted_kernel(kernel)[grid](*args, out, **meta, num_warps=num_warps)
     return _from_torch(out, out_shape.dtype)
 
 
-def _launch(xa, packed, scale, bias, *, out_shape, grid, meta, cfg: BlockConfig, interpret: bool, name: str):
+def _launch(*arrays, out_shape, grid, meta, cfg: BlockConfig, interpret: bool, name: str,
+            kernel: str = "ternary_matmul_kernel"):
+    """Run kernel `kernel` of `_triton_kernel` on `arrays` (its input pointers, in order; the output comes last)."""
     if interpret:
-        interpreted_kernel()  # import errors surface here, at trace time, rather than inside the callback
+        interpreted_kernel(kernel)  # import errors surface here, at trace time, rather than inside the callback
         if not interpreter_available():
             raise ImportError("interpreting the Triton kernel needs torch on the CPU (torch==2.13.0, the test extra)")
         host = functools.partial(_interpret_host, out_shape=out_shape, grid=grid, meta=meta,
-                                 num_warps=cfg.num_warps)
-        return jax.pure_callback(host, out_shape, xa, packed, scale, bias)
+                                 num_warps=cfg.num_warps, kernel=kernel)
+        return jax.pure_callback(host, out_shape, *arrays)
     try:
         import jax_triton as jt
     except ImportError as e:
         raise ImportError(f"backend 'triton' needs jax_triton and a CUDA jaxlib ({INSTALL_HINT}): {e}") from e
     # enable_fp_fusion=False keeps the epilogue's multiply and add as two roundings, as in reference.py.
-    return jt.triton_call(xa, packed, scale, bias, kernel=jit_kernel(), out_shape=out_shape, grid=grid,
+    return jt.triton_call(*arrays, kernel=jit_kernel(kernel), out_shape=out_shape, grid=grid,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
                           name=name, **meta)
 

@@ -1,4 +1,5 @@
-"""Packed int4 codes and the exact integer matmul of deployed PTQ models (kernels/int4.py), against NumPy."""
+"""Packed int4 codes and the exact integer matmul of deployed PTQ models (kernels/int4.py, triton_int4.py, ops.py),
+against NumPy: the XLA path, and the Triton W4A8 kernel in Triton's CPU interpreter and compiled for sm_90."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -49,10 +50,46 @@ def test_int_matmul_is_the_exact_integer_product(w_bits, tile):
     w = _codes(rng, k, n, *((-128, 127) if w_bits == 8 else (-8, 7)))
     w[:, 0] = -128 if w_bits == 8 else -8
     stored = jnp.asarray(w) if w_bits == 8 else pack_int4(jnp.asarray(w))
-    got = int_matmul(jnp.asarray(x), stored, k=k, w_bits=w_bits, tile_elements=tile)
+    got = int_matmul(jnp.asarray(x), stored, k=k, w_bits=w_bits, backend="xla", tile_elements=tile)
     assert got.dtype == jnp.int32 and got.shape == (2, 5, n)
     np.testing.assert_array_equal(np.asarray(got), x.astype(np.int64) @ w.astype(np.int64))
 
 
 def test_padding_is_sized_in_whole_blocks():
     assert [int4_padded_k(k) for k in (1, 64, 65, 1152, 4608)] == [64, 64, 128, 1152, 4608]
+
+
+# ------------------------------------------------------------------ the Triton-language W4A8 kernel
+
+
+def _triton():
+    pytest.importorskip("triton", reason='the W4A8 kernel needs triton (pip install "triton==3.7.1")')
+    pytest.importorskip("torch", reason="Triton's interpreter runs on torch CPU tensors (pip install torch==2.13.0)")
+    from terdit_kernels.blocks import BlockConfig
+    from terdit_kernels.triton_int4 import compile_int4_for_target, triton_int4_matmul
+    return BlockConfig, compile_int4_for_target, triton_int4_matmul
+
+
+@pytest.mark.parametrize("m,k,n,cfg", [(5, 100, 40, None), (33, 300, 70, (16, 32, 1)), (8, 256, 64, (16, 16, 2))])
+def test_the_triton_w4a8_kernel_is_the_exact_integer_product(m, k, n, cfg):
+    """In Triton's interpreter (the kernel function jax_triton compiles on a GPU) against a NumPy int64 matmul:
+    ragged M, N and K (masked, not padded), and split-K partials."""
+    block_config, _, triton_int4_matmul = _triton()
+    rng = np.random.default_rng(2)
+    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    w = _codes(rng, k, n)
+    x[0] = -128
+    got = triton_int4_matmul(jnp.asarray(x), pack_int4(jnp.asarray(w)), k=k, interpret=True,
+                             config=None if cfg is None else block_config(*cfg[:2], split_k=cfg[2]))
+    np.testing.assert_array_equal(np.asarray(got), x.astype(np.int64) @ w.astype(np.int64))
+    via_ops = int_matmul(jnp.asarray(x), pack_int4(jnp.asarray(w)), k=k, w_bits=4, backend="triton", interpret=True)
+    np.testing.assert_array_equal(np.asarray(via_ops), np.asarray(got))
+
+
+def test_the_triton_w4a8_kernel_compiles_for_sm90_without_a_gpu(tmp_path, monkeypatch):
+    """Triton's own compiler (the one jax_triton calls) to PTX and cubin for an H100/H200: int8 Hopper wgmma at M = 256."""
+    _, compile_int4_for_target, _ = _triton()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    c = compile_int4_for_target(256, 256, 1152)
+    assert ".target sm_90a" in c.asm["ptx"] and len(c.asm["cubin"]) > 0
+    assert "warp_group_dot" in c.asm["ttgir"] and "i8" in c.asm["ttgir"]
