@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 import terdit_kernels
+from terdit_jax.models.packed import wait_for
 from terdit_jax.quant.integer import code_offset, encode, epilogue
 from terdit_jax.quant.quantizers import QuantState, UniformQuantizer
 from terdit_jax.quant.sites import quantize
@@ -84,19 +85,29 @@ class IntDense(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,)), logical_axes=axes[1:]) if use_bias else None
         self.input_site, self.output_site = input_site, output_site
 
-    def signed_codes(self) -> jax.Array:
+    def signed_codes(self, codes=None) -> jax.Array:
         """(K, N) int8 codes (unpacked)."""
-        c = self.codes[...]
+        c = self.codes[...] if codes is None else codes
         return c if container_bits(self.w_bits) == 8 else terdit_kernels.unpack_int4(c, self.k)
 
-    def weight(self) -> jax.Array:
+    def weight(self, codes=None) -> jax.Array:
         """The dequantized weight Δw·(u − zw) (K, N) float32, what the fake-quantized layer multiplied with."""
-        return (self.signed_codes().astype(jnp.float32) - self.w_zero[...]) * self.w_scale[...]
+        return (self.signed_codes(codes).astype(jnp.float32) - self.w_zero[...]) * self.w_scale[...]
 
-    def accumulate(self, a: jax.Array) -> jax.Array:
+    def accumulate(self, a: jax.Array, codes=None) -> jax.Array:
         """int32 Σ_k a[m, k]·u[k, n] for int8 codes a (M, K)."""
-        return terdit_kernels.int_matmul(a, self.codes[...], k=self.k, w_bits=container_bits(self.w_bits),
-                                         backend=self.backend)
+        return terdit_kernels.int_matmul(a, self.codes[...] if codes is None else codes, k=self.k,
+                                         w_bits=container_bits(self.w_bits), backend=self.backend)
+
+    def _codes_after(self, x: jax.Array, unpacked: bool) -> jax.Array:
+        """The codes, made to wait for the layer input x where XLA would otherwise expand them (unpack, dequantize)
+        for every layer at program start, as XLA:CPU does (`models.packed._after_input`): the weight-only path, and
+        int4 codes the XLA matmul unpacks in one piece."""
+        c = self.codes[...]
+        one_piece = terdit_kernels.tile_columns(self.k, self.n) >= self.n
+        if unpacked or (container_bits(self.w_bits) == 4 and one_piece):
+            return wait_for(c, x)
+        return c
 
     def __call__(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
         return quantize(self.output_site, self.forward(x, t), t)
@@ -104,13 +115,14 @@ class IntDense(nnx.Module):
     def forward(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
         parts = encode(self.input_site, x, t, axis=-1)
         if parts is None:  # full-precision input: weight-only quantization
-            y = jnp.dot(quantize(self.input_site, x, t).astype(self.dtype), self.weight().astype(self.dtype))
+            w = self.weight(self._codes_after(x, unpacked=True))
+            y = jnp.dot(quantize(self.input_site, x, t).astype(self.dtype), w.astype(self.dtype))
         else:
-            lead, y = x.shape[:-1], 0.0
+            lead, y, codes = x.shape[:-1], 0.0, self._codes_after(x, unpacked=False)
             for p in parts:
                 a = p.codes.reshape(-1, self.k)
                 sa, za = (jnp.broadcast_to(v, lead + (1,)).reshape(-1, 1) for v in (p.scale, p.zero))
-                y = y + epilogue(self.accumulate(a), sa, za, self.w_scale[...], self.w_zero[...],
+                y = y + epilogue(self.accumulate(a, codes), sa, za, self.w_scale[...], self.w_zero[...],
                                  a.sum(-1, keepdims=True, dtype=jnp.int32), self.colsum[...], self.k)
             y = y.reshape(*lead, self.n).astype(self.dtype)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)

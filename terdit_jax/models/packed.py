@@ -99,8 +99,13 @@ def _after_input(codes: jax.Array, x: jax.Array, backend: str, k: int) -> jax.Ar
     """
     if resolve_backend(backend, m=x.size // x.shape[-1]) != "xla" or tile_columns(k, codes.shape[1]) < codes.shape[1]:
         return codes
+    return wait_for(codes, x)
+
+
+def wait_for(codes: jax.Array, x: jax.Array) -> jax.Array:
+    """`codes` (integer) made to depend on the float layer input x, unchanged unless x[0] is NaN (`_after_input`)."""
     x0 = x.reshape(-1)[0]
-    return codes | (x0 != x0).astype(jnp.uint8)
+    return codes | (x0 != x0).astype(codes.dtype)
 
 
 def _check_settings(act_dtype: str, backend: str):
