@@ -12,7 +12,8 @@ Two measurements, each a comparison inside one run:
 * `time` (the demo-size model, dim 64, 4 blocks, 49 tokens, CFG batch 32; and two DiT-XL/2 blocks at full width,
   256 tokens, CFG batch 2; float32): one jitted forward of the deployed W8A8 model, of the fake-quantized W8A8
   model it came from, and of the float32 model; medians of alternating repeats, ratios against fp32 from the same
-  run. Quantizer values do not change the time, so the models carry their initial values.
+  run. Quantizer values do not change the time, so the models carry their initial values. Beside it, `gemm`: one
+  int8 × int8 → int32 dot at DiT-XL/2's 1152 × 1152 (M = 2048) against float32 and bf16 dots.
 
   python benchmarks/deploy_ptq.py                 # both (DiT-XL/2 compiles: minutes on 2 cores)
   python benchmarks/deploy_ptq.py --quick         # a tiny DiT for the memory table, few repeats: seconds
@@ -190,6 +191,28 @@ def step_time(image_size: int, batch: int, repeats: int, quick: bool) -> dict:
             "speedup_vs_bf16": {v: round(med["bf16"] / m, 3) for v, m in med.items()}}
 
 
+def gemm_table(repeats: int, m: int = 2048, k: int = 1152, n: int = 1152) -> dict:
+    """Median seconds of one int8 × int8 → int32 dot against float32 and bf16 dots of the same shape."""
+    rng = np.random.default_rng(0)
+    xi = jnp.asarray(rng.integers(-128, 128, (m, k)), jnp.int8)
+    wi = jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8)
+    fns = {"int8": (jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                                                             preferred_element_type=jnp.int32)), xi, wi),
+           "f32": (jax.jit(jnp.dot), xi.astype(jnp.float32), wi.astype(jnp.float32)),
+           "bf16": (jax.jit(jnp.dot), xi.astype(jnp.bfloat16), wi.astype(jnp.bfloat16))}
+    times = {v: [] for v in fns}
+    for fn, a, b in fns.values():
+        jax.block_until_ready(fn(a, b))
+    for _ in range(repeats):
+        for v, (fn, a, b) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(a, b))
+            times[v].append(time.perf_counter() - t0)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    return {"shape": [m, k, n], "repeats": repeats, "median_s": {v: round(t, 6) for v, t in med.items()},
+            "int8_speedup_vs": {v: round(t / med["int8"], 2) for v, t in med.items()}}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny DiT for the memory table, 3 repeats")
@@ -205,6 +228,7 @@ def main(argv=None) -> dict:
     if a.skip != "memory":
         report["memory"] = memory_table((32,) if a.quick else (256, 512), a.quick)
     if a.skip != "time":
+        report["gemm"] = gemm_table(3 if a.quick else 20, *((64, 64, 64) if a.quick else ()))
         report["time"] = [time_table(3 if a.quick else 30)]
         if not a.quick:
             report["time"].append(time_table(10, "wide", batch=2))
