@@ -718,7 +718,7 @@ def step_error_plot(out: str, results: list[dict]) -> str | None:
         for (f, name), errs in curves.items():
             if f == family:
                 ax.plot(np.mean(errs, 0), label=name)
-        ax.set(title=f"{family}: ‖ε̂_q − ε̂_FP‖/‖ε̂_FP‖ along the FP trajectory", xlabel="sampling step (noisiest first)",
+        ax.set(title=f"{family}: ‖f_q − f_FP‖/‖f_FP‖ along the FP trajectory", xlabel="sampling step (noisiest first)",
                ylabel="relative error", yscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
@@ -727,17 +727,19 @@ def step_error_plot(out: str, results: list[dict]) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------- estimate
 
-# Seconds per job on the 2-core VM, from the last full study (2026-12-02, README; the VM shared with the test suite
-# at times): training at 3,400 steps, calibration at 2,000 reconstruction iterations per unit; and sampling 1,000
-# digits (DDIM 50, CFG) of one model, measured 2026-12-04. The running estimate replaces them by this run's own
-# measured rows as soon as there are any of the same kind.
-PRIOR_SECONDS = {"train": 650.0, "train fp": 1386.0, "rtn": 5.0, "ptq4dit": 250.0, "ptq4dit w/o reconstruction": 7.0,
-                 "ptq4dit w2a16": 122.0, "tqdit": 115.0, "sample": 150.0}
+# Seconds per job on the 2-core VM, shared with other work (load 3-5), so these are upper bounds. Training 3,400 steps:
+# FP 590 s and FP (DiT) 1,150 s (0.17 and 0.34 s/step over 300 steps, measured 2026-12-04), the TerDiT-family rows
+# from the last full study (2026-12-02, README: TerDiT 653 s); calibration at 2,000 reconstruction iterations per
+# unit from that study (the TQ-DiT rows before the HO fix); sampling 1,000 digits (DDIM 50, CFG) of one model, 67 s
+# (Large-DiT) and 86 s (DiT) measured 2026-12-04. The running estimate replaces them by this run's own measured
+# jobs as soon as there are any of the same kind.
+PRIOR_SECONDS = {"train": 650.0, "train fp": 590.0, "train fp dit": 1150.0, "rtn": 5.0, "ptq4dit": 250.0,
+                 "ptq4dit w/o reconstruction": 7.0, "ptq4dit w2a16": 122.0, "tqdit": 115.0, "sample": 75.0}
 
 
 def job_kind(row: Row) -> str:
     if row.kind != "ptq":
-        return "train fp" if row.name.startswith("FP") and row.kind == "train" else row.kind
+        return ("train fp" + (" dit" if row.family == DIT else "")) if row in FP_ROWS.values() else row.kind
     o = dict(row.overrides)
     if o["quant.method"] == "ptq4dit" and not o.get("quant.recon", True):
         return "ptq4dit w/o reconstruction"
@@ -763,7 +765,7 @@ def estimate_seconds(jobs, done: dict, out: str = "") -> float:
         if not os.path.exists(os.path.join(out, f"guidance_{family}.json")):
             total += len(GUIDANCES) * PRIOR_SECONDS["sample"]
             if (FP_ROWS[family], 0) not in jobs:
-                total += PRIOR_SECONDS["train fp"]
+                total += PRIOR_SECONDS[job_kind(FP_ROWS[family])]
     return total
 
 
