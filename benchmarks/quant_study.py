@@ -718,8 +718,8 @@ def step_error_plot(out: str, results: list[dict]) -> str | None:
         for (f, name), errs in curves.items():
             if f == family:
                 ax.plot(np.mean(errs, 0), label=name)
-        ax.set(title=f"{family}: ‖f_q − f_FP‖/‖f_FP‖ along the FP trajectory", xlabel="sampling step (noisiest first)",
-               ylabel="relative error", yscale="log")
+        ax.set(title=f"{family}: ‖f_q − f_FP‖/‖f_FP‖ along the FP trajectory", ylabel="relative error",
+               xlabel="sampling step (noisiest first)", yscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     return _save(fig, plt, os.path.join(out, "step_error.png"))
@@ -801,13 +801,13 @@ def main(argv=None) -> dict:
         path = os.path.join(args.out, "rows", f"{row.slug}_seed{seed}", "result.json")
         if os.path.exists(path):
             done[(row, seed)] = json.load(open(path))
-    log(f"study: {len(jobs)} jobs ({len(done)} done); estimate for the rest "
-        f"{estimate_seconds(jobs, done, args.out) / 3600:.1f} h on the 2-core VM" + (" (full budget; --quick is minutes)"
-                                                                           if args.quick else ""))
+    hours_left = lambda: estimate_seconds(jobs, done, args.out) / 3600  # noqa: E731
+    log(f"study: {len(jobs)} jobs ({len(done)} done); estimate for the rest {hours_left():.1f} h on the 2-core VM"
+        + (" (at the full budget; --quick takes minutes)" if args.quick else ""))
     if args.plan:
         for row, seed in jobs:
             log(f"  {'done' if (row, seed) in done else 'todo'}  {row.name} (seed {seed}, {job_kind(row)})")
-        return {"jobs": len(jobs), "done": len(done), "estimate_seconds": estimate_seconds(jobs, done, args.out)}
+        return {"jobs": len(jobs), "done": len(done), "estimate_hours": hours_left()}
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     study = Study(args, Evaluator(args.out, args.quick, log), log)
@@ -816,7 +816,7 @@ def main(argv=None) -> dict:
         results.append(done.get((row, seed)) or study.run(row, seed))
         done[(row, seed)] = results[-1]
         log(f"[{i + 1}/{len(jobs)}] {row.name} seed {seed}: {results[-1]['wall_seconds']:.0f} s; elapsed "
-            f"{time.perf_counter() - t0:.0f} s; estimate for the rest {estimate_seconds(jobs, done, args.out) / 3600:.2f} h")
+            f"{time.perf_counter() - t0:.0f} s; estimate for the rest {hours_left():.2f} h")
     stats = aggregate(results)
     vs = verdicts(stats)
     sweeps = [study.sweep(f) for f in FAMILY_TAG if any(r.family == f for r in rows)]
