@@ -148,3 +148,15 @@ def test_quick_study_writes_every_row_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "] training" not in again.stdout and "] quantizing" not in again.stdout  # resumed: nothing recomputed
     assert "sampling" not in again.stdout
+
+
+def test_estimate_uses_measured_jobs_before_priors(tmp_path):
+    fp, rtn, dit_rtn = qs.ROW_BY_NAME["FP"], qs.ROW_BY_NAME["RTN W8A8"], qs.ROW_BY_NAME["RTN W8A8 (DiT)"]
+    jobs = [(fp, 0), (fp, 1), (rtn, 0), (dit_rtn, 0)]
+    p = qs.PRIOR_SECONDS
+    sweep = len(qs.GUIDANCES) * p["sample"]
+    expected = 100.0 + 2 * (p["rtn"] + p["sample"]) + 2 * sweep + p["train fp dit"]  # DiT's FP is no job: trained
+    assert qs.estimate_seconds(jobs, {(fp, 0): {"wall_seconds": 100.0}}, str(tmp_path)) == pytest.approx(expected)
+    (tmp_path / "guidance_large_dit.json").write_text("{}")  # swept already
+    done = {(fp, 0): {"wall_seconds": 100.0}, (rtn, 0): {"wall_seconds": 30.0}}
+    assert qs.estimate_seconds(jobs, done, str(tmp_path)) == pytest.approx(100.0 + 30.0 + sweep + p["train fp dit"])
