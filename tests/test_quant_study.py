@@ -84,23 +84,33 @@ def test_verdicts_from_constructed_results():
     def res(row, seed, **metrics):
         return {"row": row, "seed": seed, **metrics}
 
-    results = [res("FP", 0, fid=50.0), res("FP, noise seed 1", 0, fid=50.5, fid_to_fp=5.0),
+    results = [res("FP", 0, fid=50.0), res("FP, noise seed 1", 0, fid=52.0, fid_to_fp=5.0),
+               *(res("TerDiT", s, fid=v) for s, v in enumerate((60.0, 61.0, 62.0))),
+               res("BitNet b1.58 DiT", 0, fid=63.5),
                *(res("PTQ4DiT W4A8", s, fid_to_fp=v) for s, v in enumerate((2.0, 2.2, 2.4))),
                *(res("RTN W4A8", s, fid_to_fp=v) for s, v in enumerate((4.0, 4.1, 4.2))),
-               *(res("RTN W8A8", s, fid_to_fp=v) for s, v in enumerate((0.1, 0.2, 0.3)))]
+               *(res("RTN W8A8", s, fid_to_fp=v) for s, v in enumerate((0.1, 0.2, 0.3))),
+               *(res("TQ-DiT W8A8", s, fid_to_fp=v) for s, v in enumerate((6.0, 6.1, 6.2))),
+               *(res("TQ-DiT W6A6", s, fid_to_fp=v) for s, v in enumerate((2.0, 3.0, 4.0))),
+               *(res("RTN W6A6", s, fid_to_fp=v) for s, v in enumerate((3.5, 3.6, 3.7)))]
     stats = qs.aggregate(results)
     assert stats["RTN W4A8"]["fid_to_fp"].mean == pytest.approx(np.mean([4.0, 4.1, 4.2]))
     assert stats["RTN W4A8"]["fid_to_fp"].std == pytest.approx(np.std([4.0, 4.1, 4.2]))
-    assert qs.noise_floors(stats) == {"": 0.0, "real": 0.5, "fp": 5.0}
-    by_claim = {v["claim"]: v for v in qs.verdicts(stats)}
-    # PTQ4DiT is 1.9 lower with separated intervals, but FP against itself under other noise is 5.0 apart
-    ahead = by_claim["PTQ4DiT ahead of RTN at W4A8 (FID-to-FP)"]
-    assert ahead["verdict"] == "within noise" and ahead["floor"] == 5.0
-    assert by_claim["RTN W8A8 within noise of FP (FID-to-FP)"]["verdict"] == "holds"
-    assert by_claim["TerDiT close to FP (CNN-FID within the floor or 10%)"]["verdict"] == "not measured"
-    results[1]["fid_to_fp"] = 1.0  # a lower floor: the same numbers now decide it
-    assert {v["claim"]: v for v in qs.verdicts(qs.aggregate(results))}[
-        "PTQ4DiT ahead of RTN at W4A8 (FID-to-FP)"]["verdict"] == "holds"
+    assert qs.noise_floors(stats) == {"": 0.0, "real": 2.0, "fp": 5.0}
+    by_claim = {v["claim"]: v["verdict"] for v in qs.verdicts(stats)}
+    # BitNet 2.5 above TerDiT: past the floor (2.0) and the intervals (0.82 + 0) → holds; 1.0 above: inside the floor
+    assert by_claim["BitNet worse than TerDiT (CNN-FID)"] == "holds"
+    results[5]["fid"] = 62.0
+    assert {v["claim"]: v["verdict"] for v in qs.verdicts(qs.aggregate(results))}[
+        "BitNet worse than TerDiT (CNN-FID)"] == "within noise"
+    # paired FID-to-FP: separated seed intervals decide; overlapping ones are within noise
+    assert by_claim["PTQ4DiT ahead of RTN at W4A8 (FID-to-FP)"] == "holds"
+    assert by_claim["TQ-DiT ahead of RTN at W6A6 (FID-to-FP)"] == "within noise"
+    # "within noise of FP": below the FP-resample floor (5.0) holds, above it does not
+    assert by_claim["RTN W8A8 within noise of FP (FID-to-FP)"] == "holds"
+    assert by_claim["TQ-DiT W8A8 within noise of FP (FID-to-FP)"] == "does not hold"
+    assert by_claim["TerDiT close to FP (CNN-FID within the floor or 10%)"] == "does not hold"  # 61 vs 50
+    assert by_claim["PTQ4DiT W8A8 within noise of FP (FID-to-FP)"] == "not measured"
     md = qs.verdict_table(qs.verdicts(stats))
     assert "**within noise**" in md and "PTQ4DiT W4A8: 2.2 ± 0.163" in md
 
