@@ -43,7 +43,7 @@ def shared_inputs(model_cfg) -> dict[str, str]:
 
 def deployed_config(model_cfg):
     """The deployed model's config: `deployed=True`, and each shared input site's rule moved to the inputs of the
-    linears that read it (rules prepended: the first match wins), the shared site itself left alone."""
+    linears that read it and the shared site itself set to "none" (rules prepended: the first match wins)."""
     rules = [dict(r) for r in model_cfg.sites]
     moved = []
     for lin, shared in shared_inputs(model_cfg).items():
@@ -124,13 +124,13 @@ def export_deployed(config, workdir: str, out_dir: str | None = None, *, overwri
     report = integer_report(dmodel)
     for line in report["float_sites"]:
         log(f"note: {line}")
-    bits = qmanifest.get("bits", {})
+    bits, info = qmanifest.get("bits", {}), qmanifest.get("info", {})
     flat = trees.flat(nnx.state(dmodel))
     codes = sum(v.nbytes for k, v in flat.items() if k.endswith(".codes"))
     manifest = {
         "kind": "ptq", "int4_format": terdit_kernels.INT4_PACK_FORMAT, "model": dcfg.to_dict(),
-        "method": qmanifest.get("method"), "bits": bits, "info": {k: qmanifest.get("info", {}).get(k) for k in
-                                                                 ("time_groups", "num_steps") if k in qmanifest.get("info", {})},
+        "method": qmanifest.get("method"), "bits": bits,
+        "info": {k: info[k] for k in ("time_groups", "num_steps") if k in info},  # sampling checks (check_sampler)
         "label_order": "imagenet", "num_classes": int(dcfg.num_classes), "null_class": int(dcfg.num_classes),
         "nbytes_weight_codes": int(codes), "weight_container_bits": container_bits(int(bits.get("weights", 8))),
         "compute": report, "source": {"quantized": path, "manifest": qckpt.manifest_id(path),
