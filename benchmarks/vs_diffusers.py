@@ -613,7 +613,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_default_matmul_precision", "highest")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     device = jax.devices()[0]
-    report = {"benchmark": "vs_diffusers", "preset": "quick" if a.quick else "default",
+    report = {"benchmark": "vs_diffusers", "preset": "quick" if a.quick else "default", "platform": device.platform,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"cores_used": cores, "cpu_count": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0],
                           "jax_device": f"{device.platform}:{device.device_kind}", "torch_device": a.dev,
