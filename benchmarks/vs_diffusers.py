@@ -79,7 +79,7 @@ TINY_DIT = dict(dim=64, n_layers=2, n_heads=4, patch_size=2)
 # ~12 min a side here; --ddim_model DiT-B/2 runs it, as the GPU suite does).
 PRESETS = {
     "default": Preset("DiT-XL/2", "DiT-S/2", "DiT-B/2", 32, 1000, 8, 50, 2, SD_VAE,
-                      {"dit_cfg": 2, "ddim": 1, "train": 3, "vae": 2}),
+                      {"dit_cfg": 1, "ddim": 1, "train": 2, "vae": 1}),
     "quick": Preset("custom", "custom", "custom", 8, 10, 2, 5, 2, TINY_VAE,
                     {"dit_cfg": 3, "ddim": 3, "train": 3, "vae": 3}),
 }
