@@ -1,7 +1,7 @@
 """Side by side with what users would run instead: our DiT, DDIM sampler, training step and SD-VAE against
 diffusers' (PyTorch) on the same machine, in one process, as ratios ours / theirs.
 
-    python benchmarks/vs_diffusers.py            # the CPU table of the README (about 10 minutes on 2 cores)
+    python benchmarks/vs_diffusers.py            # the README table (about 9 min on the idle 2-core VM, 20 loaded)
     python benchmarks/vs_diffusers.py --quick    # a tiny preset of every row: seconds
     python benchmarks/vs_diffusers.py --rows dit_cfg,vae --repeats 3
 
@@ -74,9 +74,10 @@ SD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEn
 TINY_VAE = dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
                 up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8, sample_size=32)
 TINY_DIT = dict(dim=64, n_layers=2, n_heads=4, patch_size=2)
-# The default keeps the 2-core VM run near 10 minutes: DiT-XL/2 CFG at batch 8 is ~3.8 TFLOP a call (~40 s here),
-# so its rows are timed once or twice; the whole 50-step sample runs DiT-S/2 (DiT-B/2 with guidance would take
-# ~12 min a side here; --ddim_model DiT-B/2 runs it, as the GPU suite does).
+# The default keeps the 2-core VM run under 15 minutes: DiT-XL/2 CFG at batch 8 is ~3.8 TFLOP a call (~30 s here)
+# and the VAE decode of 8 images ~2.5 TFLOP, so those rows are timed once after their untimed checking call, the
+# train step twice; the whole 50-step sample runs DiT-S/2 (DiT-B/2 with guidance would take ~12 min a side here;
+# --ddim_model DiT-B/2 runs it, as the GPU suite does). --repeats N times every row N times.
 PRESETS = {
     "default": Preset("DiT-XL/2", "DiT-S/2", "DiT-B/2", 32, 1000, 8, 50, 2, SD_VAE,
                       {"dit_cfg": 1, "ddim": 1, "train": 2, "vae": 1}),
