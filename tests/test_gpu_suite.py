@@ -60,7 +60,8 @@ def test_tiny_run_reports_every_stage_and_survives_a_failing_and_an_overrunning_
     assert list(stages) == list(suite.STAGES)
     assert {n: s["status"] for n, s in stages.items()} == {
         "install": "ok", "env": "ok", "kernels": "ok", "sample_4.2b": "ok", "train_600m": "ok",
-        "train_4.2b_512": "ok", "sample_600m": "timed out", "demo": "failed", "ptq_512": "ok"}, stages["install"]
+        "train_4.2b_512": "ok", "sample_600m": "timed out", "demo": "failed", "ptq_512": "ok",
+        "vs_diffusers": "ok"}, stages["install"]
     assert stages["install"]["missing"] == missing and sorted(stages["install"]["installed"]) == sorted(stubs)
     assert suite.FORCED_FAILURE_FLAG.lstrip("-") in stages["demo"]["error"]
     assert stages["sample_600m"]["wall_s"] < 2 + 25  # stopped (process group killed), not waited for
@@ -77,13 +78,16 @@ def test_tiny_run_reports_every_stage_and_survives_a_failing_and_an_overrunning_
     assert stages["train_4.2b_512"]["result"]["ternary"]["memory_per_device"]["total"] > 0
 
     goals = report["goals"]
-    assert len(goals) == 13 and {g["status"] for g in goals} == {"not measured"}  # nothing is judged on a CPU
+    assert len(goals) == 14 and {g["status"] for g in goals} == {"not measured"}  # nothing is judged on a CPU
     md = (out / "gpu_suite.md").read_text()
     for g in goals:
         assert f"| {g['goal']} | {g['target']} |" in md
     assert "| demo | failed |" in md and "| sample_600m | timed out |" in md
     assert "## Kernels" in md and "## Training 600M" in md and "## PTQ4DiT at 512 px" in md
     assert stages["ptq_512"]["status"] == "ok"
+    vs = stages["vs_diffusers"]["result"]  # --quick on the CPU: both sides, compared before timing
+    assert vs["theirs"] == "measured" and all(e <= 1e-4 for r in vs["rows"].values() for e in r["max_rel_err"].values())
+    assert "## Against diffusers" in md
     assert "===== kernels:" in (out / "gpu_suite.log").read_text()
 
 
@@ -112,6 +116,9 @@ def _gpu_stages():
         "ptq_512": {"status": "ok", "result": {"platform": "gpu", "methods": {"ptq4dit_512": {"runs": [{
             "depth": 2, "stages": {"calibration set": {"device_peak_bytes": 2e9},
                                    "reconstruction": {"device_peak_bytes": 22e9}}}]}}}},
+        "vs_diffusers": {"status": "ok", "result": {
+            "platform": "gpu", "machine": {"jax_device": "gpu:NVIDIA H200", "torch_device": "cuda"},
+            "rows": {"dit_cfg": {"ratio": {"ours/torch_eager": 0.7}}, "vae": {"ratio": {"ours/torch_eager": 1.2}}}}},
     }
 
 
@@ -131,6 +138,7 @@ def test_goals_are_met_or_not_from_gpu_numbers_and_not_measured_otherwise():
         "not measured",   # the 4.2B/512 stage failed
         "met",            # the demo wrote its grid, loss finite
         "not met",        # PTQ 512 px: 22 GB measured + 26 blocks' weights (2.5 GB) > 24 GB
+        "not met",        # against diffusers: the slowest row (vae) is 1.2x
     ]
     # the same numbers from a --tiny run, or from stages that ran on a CPU, judge nothing
     assert {g["status"] for g in suite.goals(_gpu_stages(), tiny=True)} == {"not measured"}
@@ -140,6 +148,9 @@ def test_goals_are_met_or_not_from_gpu_numbers_and_not_measured_otherwise():
     judged = {g["goal"]: g["status"] for g in suite.goals(cpu, tiny=False)}
     assert all(v == "not measured" for k, v in judged.items() if k.startswith(("kernels", "training 600M")))
     assert judged["demo trained 200 steps, DDIM-50 grid written, loss finite"] == "met"
+    no_cuda = _gpu_stages()
+    no_cuda["vs_diffusers"]["result"]["machine"]["torch_device"] = None  # ours alone: nothing to compare
+    assert [g["status"] for g in suite.goals(no_cuda, tiny=False)][-1] == "not measured"
 
 
 def test_a_stage_output_of_an_unexpected_shape_is_not_measured_and_still_rendered():

@@ -160,9 +160,30 @@ class UpBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for r in self.resnets:
             x = r(x)
-        if self.upsample is not None:
-            x = self.upsample(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
-        return x
+        return x if self.upsample is None else upsample_conv(self.upsample, x)
+
+
+# Nearest ×2 upsampling then a 3×3 conv, per output phase a (row parity): output row 2i+a sees input rows
+# i−1+a and i+a, the 3 kernel rows folded onto them as [W0, W1+W2] (a=0) or [W0+W1, W2] (a=1); columns alike.
+_PHASE_TAPS = jnp.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], jnp.float32)  # (a, tap, kernel row)
+
+
+def upsample_conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """conv(nearest_upsample_2x(x)) for a 3×3 "same" conv, computed on x itself ("sub-pixel" form): one 2×2 conv
+    of the once-padded x with the four phases' folded kernels stacked on the output axis, then interleaved.
+    16 taps per input pixel instead of 36 per input pixel: the VAE decoder's three upsampling convs, half its
+    FLOPs, run 2.25× fewer (they made the decode slower than diffusers', benchmarks/vs_diffusers.py).
+    x (N,H,W,Cin) -> (N,2H,2W,Cout)."""
+    n, h, w, _ = x.shape
+    dtype = conv.dtype or x.dtype
+    kernel = jnp.einsum("aih,bjw,hwco->ijcabo", _PHASE_TAPS, _PHASE_TAPS, conv.kernel[...].astype(jnp.float32))
+    kernel = kernel.reshape(2, 2, kernel.shape[2], -1).astype(dtype)  # (2, 2, Cin, 4·Cout): (a, b, o) on the last
+    z = jax.lax.conv_general_dilated(jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0))), kernel, (1, 1),
+                                     "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # (N, H+1, W+1, 4·Cout)
+    z = z.reshape(n, h + 1, w + 1, 2, 2, -1)
+    y = jnp.stack([jnp.stack([z[:, a:a + h, b:b + w, a, b] for b in (0, 1)], 3) for a in (0, 1)], 2)
+    y = y.reshape(n, 2 * h, 2 * w, -1)  # (n, i, a, j, b, c) → rows 2i+a, columns 2j+b
+    return y + conv.bias[...].astype(dtype) if conv.bias is not None else y
 
 
 class Encoder(nnx.Module):

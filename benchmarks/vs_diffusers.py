@@ -1,0 +1,647 @@
+"""Side by side with what users would run instead: our DiT, DDIM sampler, training step and SD-VAE against
+diffusers' (PyTorch) on the same machine, in one process, as ratios ours / theirs.
+
+    python benchmarks/vs_diffusers.py            # the README table (about 9 min on the idle 2-core VM, 20 loaded)
+    python benchmarks/vs_diffusers.py --quick    # a tiny preset of every row: seconds
+    python benchmarks/vs_diffusers.py --rows dit_cfg,vae --repeats 3
+
+Rows (float32 everywhere):
+  dit_cfg  one classifier-free-guided denoiser call of DiT-XL/2 at 256 px (32×32×4 latents), 8 images (16 model
+           rows with the null half): ours the jitted XLA call, theirs diffusers' DiTTransformer2DModel in eager
+           mode and under torch.compile (where it compiles)
+  ddim     a whole DDIM sample (50 steps, guidance 4 on every ε channel, η = 0) of 8 images: ours
+           terdit_jax.diffusion.samplers.sample, theirs DiTPipeline's loop (DDIMScheduler, the doubled batch)
+  train    one training step of DiT-B/2 on 32×32×4 latents, batch 8: the ε-MSE loss at given (x_t, t, y, ε),
+           backward, AdamW update; ours jitted with the state donated (optax), theirs torch.optim.AdamW
+  vae      the SD-VAE (sd-vae-ft-ema shapes) decode of 8 latents of 32×32×4 to 256×256 images
+
+Both sides get one set of random weights: the DiT's in the official checkpoint layout, imported into ours by
+convert/dit_official.py's `convert_state` and into diffusers by the key map below; the VAE's drawn in diffusers and
+imported by vae/convert.py. Before anything is timed each row checks that both sides compute the same thing:
+max |ours − theirs| / max |theirs| ≤ 1e-4 (`agree`, which raises otherwise), on the outputs (dit_cfg, vae), on a
+short sample from the same x_T (ddim; the timed samples are compared afterwards too), on the loss and the
+gradients of one step (train).
+
+Timing: after one untimed call each (the checking one; for ours it follows the compile, for torch.compile it is
+the compile), the variants of a row run alternately, the order rotated every repeat, and the median of each is
+reported with ratio = median ours / median theirs. Compile time is reported on its own (a user pays it once per
+shape). Both sides use the same threads: the process is pinned to --threads cores (default all) and torch is told
+that many. Memory: the resident set's rise above its level before each call, its peak sampled every 2 ms in a
+thread (both sides, the largest over the timed calls), the process's peak resident set, and for ours XLA's
+compiled memory (arguments + temporaries + outputs − aliased, from the AOT compiled `memory_analysis`).
+
+Prints one JSON object. Needs the test extra (torch, diffusers); the package itself never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TOL = 1e-4  # max |ours − theirs| / max |theirs| before anything is timed
+NOT_MEASURED = "not measured"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """The shapes of every row."""
+    dit: str                 # preset of dit_cfg ("custom" = the tiny model below)
+    ddim_dit: str            # preset of the ddim row
+    train_dit: str           # preset of the train row
+    latent: int              # latent side (32 = 256 px)
+    classes: int
+    batch: int               # images per row
+    ddim_steps: int
+    check_steps: int         # steps of the sample compared before timing
+    vae: dict                # diffusers AutoencoderKL kwargs
+    repeats: dict            # timed repeats per row
+
+
+SD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+              up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
+              sample_size=256)
+TINY_VAE = dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8, sample_size=32)
+TINY_DIT = dict(dim=64, n_layers=2, n_heads=4, patch_size=2)
+# The default keeps the 2-core VM run under 15 minutes: DiT-XL/2 CFG at batch 8 is ~3.8 TFLOP a call (~30 s here)
+# and the VAE decode of 8 images ~2.5 TFLOP, so those rows are timed once after their untimed checking call, the
+# train step twice; the whole 50-step sample runs DiT-S/2 (DiT-B/2 with guidance would take ~12 min a side here;
+# --ddim_model DiT-B/2 runs it, as the GPU suite does). --repeats N times every row N times.
+PRESETS = {
+    "default": Preset("DiT-XL/2", "DiT-S/2", "DiT-B/2", 32, 1000, 8, 50, 2, SD_VAE,
+                      {"dit_cfg": 1, "ddim": 1, "train": 2, "vae": 1}),
+    "quick": Preset("custom", "custom", "custom", 8, 10, 2, 5, 2, TINY_VAE,
+                    {"dit_cfg": 3, "ddim": 3, "train": 3, "vae": 3}),
+}
+ROWS = ("dit_cfg", "ddim", "train", "vae")
+CFG_SCALE = 4.0  # DiTPipeline's default guidance
+
+
+class AgreementError(AssertionError):
+    """The two sides computed different things; nothing may be timed."""
+
+
+def agree(name: str, ours, theirs, tol: float = TOL) -> float:
+    """max |ours − theirs| / max |theirs| over same-shaped arrays; raises AgreementError above `tol` (or if theirs
+    is all zeros, which would make any comparison vacuous)."""
+    import numpy as np
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    if ours.shape != theirs.shape:
+        raise AgreementError(f"{name}: shapes differ, ours {ours.shape} vs theirs {theirs.shape}")
+    scale = float(np.abs(theirs).max())
+    err = float(np.abs(ours - theirs).max()) / scale if scale > 0 else math.inf
+    if not err <= tol:
+        raise AgreementError(f"{name}: ours and diffusers differ by {err:.3g} (max |Δ| / max |theirs|, "
+                             f"max |theirs| {scale:.3g}) > {tol:g}; the timings would compare different computations")
+    return err
+
+
+# ----------------------------------------------------------------------------- memory and timing
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+class RSSPeak:
+    """Samples the resident set every 2 ms while open: `.rise` = peak − level at entry (bytes)."""
+
+    def __enter__(self):
+        self.base = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        self.rise = self.peak - self.base
+
+
+def alternate(variants: dict, repeats: int) -> dict:
+    """variants: name → zero-argument callable that runs to completion. Runs each `repeats` times, alternating,
+    the order rotated each repeat. → name → {median_s, times_s, rss_rise_bytes (max over the calls)}."""
+    names, out = list(variants), {n: {"times_s": [], "rss_rise_bytes": 0} for n in variants}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            with RSSPeak() as m:
+                t0 = time.perf_counter()
+                variants[n]()
+                dt = time.perf_counter() - t0
+            out[n]["times_s"].append(round(dt, 4))
+            out[n]["rss_rise_bytes"] = max(out[n]["rss_rise_bytes"], m.rise)
+    for v in out.values():
+        v["median_s"] = statistics.median(v["times_s"])
+    return out
+
+
+def timed(fn):
+    """(fn(), seconds, RSS rise during it)."""
+    with RSSPeak() as m:
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+    return out, round(dt, 3), m.rise
+
+
+def compiled_memory(compiled) -> dict:
+    """XLA's memory_analysis of an AOT-compiled program, in bytes."""
+    m = compiled.memory_analysis()
+    d = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+    d["total"] = d["argument"] + d["output"] + d["temp"] - d["alias"]
+    return d
+
+
+def ratios(times: dict, ours: str = "ours") -> dict:
+    return {f"{ours}/{n}": round(times[ours]["median_s"] / v["median_s"], 3) for n, v in times.items() if n != ours}
+
+
+# ----------------------------------------------------------------------------- one set of DiT weights
+
+def dit_config(preset: str, latent: int, classes: int):
+    """A finalized config of the "dit" family: `preset` ("custom" = TINY_DIT) on latent×latent×4 inputs."""
+    from terdit_jax.config import finalize
+    from terdit_jax.configs import dit_xl2_256
+    c = dit_xl2_256.get_config()
+    c.model.update(name=preset, num_classes=classes, dtype="float32", **(TINY_DIT if preset == "custom" else {}))
+    c.data.image_size = 8 * latent
+    return finalize(c)
+
+
+def official_state_dict(m, seed: int = 0) -> dict:
+    """Random float32 weights with the keys and shapes of an official DiT checkpoint (shared/reference/dit_xl.md §3),
+    scaled so activations and every adaLN gate stay O(1) through the depth (nothing is zero, unlike a fresh init)."""
+    import numpy as np
+    from terdit_jax.models import dit_xl
+    rng = np.random.default_rng(seed)
+    d, p, c, f = m.dim, m.patch_size, m.in_channels, dit_xl.mlp_hidden_dim(m)
+    draw = lambda shape, std: (rng.standard_normal(shape, dtype=np.float32) * np.float32(std))  # noqa: E731
+    g = m.input_size // p
+    sd = {"pos_embed": np.asarray(dit_xl.pos_embed(d, g, g))[None],
+          "x_embedder.proj.weight": draw((d, c, p, p), 1 / math.sqrt(c * p * p)), "x_embedder.proj.bias": draw(d, .1),
+          "y_embedder.embedding_table.weight": draw((m.num_classes + 1, d), 1.0)}
+
+    def linear(name, out_f, in_f, std=None):
+        sd[name + ".weight"], sd[name + ".bias"] = draw((out_f, in_f), std or 1 / math.sqrt(in_f)), draw(out_f, .1)
+
+    linear("t_embedder.mlp.0", d, 256, 0.1)
+    linear("t_embedder.mlp.2", d, d)
+    for i in range(m.n_layers):
+        linear(f"blocks.{i}.attn.qkv", 3 * d, d)
+        linear(f"blocks.{i}.attn.proj", d, d)
+        linear(f"blocks.{i}.mlp.fc1", f, d)
+        linear(f"blocks.{i}.mlp.fc2", d, f)
+        # gates of O(1/sqrt(depth)) keep the residual stream O(1) over 28 blocks
+        linear(f"blocks.{i}.adaLN_modulation.1", 6 * d, d, 0.3 / math.sqrt(d * m.n_layers))
+    linear("final_layer.adaLN_modulation.1", 2 * d, d, 0.3 / math.sqrt(d))
+    linear("final_layer.linear", p * p * m.out_channels, d)
+    return sd
+
+
+def diffusers_state_dict(sd: dict, n_layers: int) -> dict:
+    """Official layout → DiTTransformer2DModel keys (dit_xl.md §4): each block holds its own copy of the t and y
+    embedders, qkv splits into to_q/to_k/to_v, pos_embed is a buffer there."""
+    import numpy as np
+    out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"], "pos_embed.proj.bias": sd["x_embedder.proj.bias"]}
+    for v in ("weight", "bias"):
+        out[f"proj_out_1.{v}"] = sd[f"final_layer.adaLN_modulation.1.{v}"]
+        out[f"proj_out_2.{v}"] = sd[f"final_layer.linear.{v}"]
+    for i in range(n_layers):
+        tb, ob = f"transformer_blocks.{i}.", f"blocks.{i}."
+        out[tb + "norm1.emb.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
+        for v in ("weight", "bias"):
+            out[tb + f"norm1.emb.timestep_embedder.linear_1.{v}"] = sd[f"t_embedder.mlp.0.{v}"]
+            out[tb + f"norm1.emb.timestep_embedder.linear_2.{v}"] = sd[f"t_embedder.mlp.2.{v}"]
+            out[tb + f"norm1.linear.{v}"] = sd[ob + f"adaLN_modulation.1.{v}"]
+            for name, part in zip(("to_q", "to_k", "to_v"), np.split(sd[ob + f"attn.qkv.{v}"], 3, axis=0)):
+                out[tb + f"attn1.{name}.{v}"] = part
+            out[tb + f"attn1.to_out.0.{v}"] = sd[ob + f"attn.proj.{v}"]
+            out[tb + f"ff.net.0.proj.{v}"] = sd[ob + f"mlp.fc1.{v}"]
+            out[tb + f"ff.net.2.{v}"] = sd[ob + f"mlp.fc2.{v}"]
+    return out
+
+
+def build_dit(preset: str, p: Preset, a, seed: int = 0):
+    """(config, apply, our params, the diffusers model or None) holding one set of random weights, theirs on
+    a.dev; a.perturb > 0 moves our copy of blocks.0's qkv weight (the test of a check that can fail)."""
+    from terdit_jax.convert.dit_official import convert_state
+    from terdit_jax.model_fn import abstract_model
+
+    config = dit_config(preset, p.latent, p.classes)
+    m = config.model
+    sd = official_state_dict(m, seed)
+    theirs = None
+    if a.dev:
+        import torch
+        from diffusers import DiTTransformer2DModel
+        theirs = DiTTransformer2DModel(num_attention_heads=m.n_heads, attention_head_dim=m.dim // m.n_heads,
+                                       in_channels=m.in_channels, out_channels=m.out_channels, num_layers=m.n_layers,
+                                       sample_size=m.input_size, patch_size=m.patch_size, attention_bias=True,
+                                       activation_fn="gelu-approximate", num_embeds_ada_norm=m.num_classes,
+                                       norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=1e-6).eval()
+        theirs.load_state_dict({k: torch.from_numpy(v) for k, v in diffusers_state_dict(sd, m.n_layers).items()},
+                               strict=True)
+        for block in theirs.transformer_blocks:  # the original's /half timestep frequencies (dit_xl.md §4 item 1)
+            block.norm1.emb.time_proj.downscale_freq_shift = 0
+        theirs = theirs.to(a.dev)
+    if a.perturb:
+        w = sd["blocks.0.attn.qkv.weight"]
+        sd["blocks.0.attn.qkv.weight"] = w + np.float32(a.perturb) * np.abs(w).max()
+    params = convert_state(sd, m)
+    del sd
+    return config, abstract_model(m)[0], params, theirs
+
+
+# ----------------------------------------------------------------------------- the rows
+
+def _inputs(p: Preset, m, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((p.batch, p.latent, p.latent, m.in_channels), dtype=np.float32)
+    t = rng.integers(0, 1000, p.batch).astype(np.int32)
+    y = rng.integers(0, m.num_classes, p.batch).astype(np.int32)
+    return x, t, y
+
+
+def to_torch(a, v, nhwc_to_nchw: bool = False):
+    import torch
+    v = np.ascontiguousarray(np.asarray(v).transpose(0, 3, 1, 2)) if nhwc_to_nchw else np.asarray(v)
+    v = torch.from_numpy(v)
+    return (v.long() if v.dtype == torch.int32 else v).to(a.dev)
+
+
+def nhwc(t):
+    return t.detach().cpu().numpy().transpose(0, 2, 3, 1)
+
+
+def torch_run(a, fn):
+    """fn wrapped to run without autograd and to return only once the device has finished."""
+    import torch
+
+    def run():
+        with torch.no_grad():
+            out = fn()
+        if a.dev == "cuda":
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
+def torch_cfg_call(model, x, t, y, null: int, scale: float):
+    """diffusers DiT on [x; x] with labels [y; null], ε guided on every channel, the conditional half (NCHW)."""
+    import torch
+    out = model(torch.cat([x, x]), timestep=torch.cat([t, t]),
+                class_labels=torch.cat([y, torch.full_like(y, null)])).sample
+    c = x.shape[1]
+    cond, uncond = out[: len(x)], out[len(x):]
+    return torch.cat([uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], 1)
+
+
+def _finish(a, what: str, err: dict, compile_info: dict, variants: dict, repeats: int, compiled=None) -> dict:
+    """Time the variants alternately and assemble the row."""
+    times = alternate(variants, repeats)
+    row = {"what": what, "max_rel_err": err if a.dev else f"{NOT_MEASURED}: {a.why_not}", "compile": compile_info,
+           "times": times, "ratio": ratios(times) if a.dev else f"{NOT_MEASURED}: {a.why_not}"}
+    if compiled is not None:
+        row["memory"] = {"ours_compiled": compiled_memory(compiled)}
+    return row
+
+
+def row_dit_cfg(p: Preset, a) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from terdit_jax.diffusion.samplers import cfg_model_fn
+    from terdit_jax.model_fn import bind
+
+    config, apply, params, theirs = build_dit(p.dit, p, a)
+    m = config.model
+    x, t, y = _inputs(p, m)
+    fn = cfg_model_fn(bind(apply, params), CFG_SCALE, m.num_classes, guidance_channels=None)
+    args = (fn, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
+    t0 = time.perf_counter()
+    ours = jax.jit(lambda f, x, t, y: f(x, t, y)).lower(*args).compile()
+    info = {"ours_s": round(time.perf_counter() - t0, 2)}
+    ours_out, info["ours_first_call_s"], _ = timed(lambda: jax.block_until_ready(ours(*args)))
+    variants, err = {"ours": lambda: jax.block_until_ready(ours(*args))}, {}
+    if theirs is not None:
+        import torch
+        tx, tt, ty = to_torch(a, x, True), to_torch(a, t), to_torch(a, y)
+        models = {"torch_eager": theirs}
+        if a.torch_compile:
+            models["torch_compile"] = torch.compile(theirs)
+        for name, model in models.items():
+            run = torch_run(a, lambda model=model: torch_cfg_call(model, tx, tt, ty, m.num_classes, CFG_SCALE))
+            try:
+                out, info[f"{name}_first_call_s"], _ = timed(run)  # torch.compile compiles here
+            except Exception as e:  # noqa: BLE001 - torch.compile "where it works": record why it did not
+                if name == "torch_eager":
+                    raise
+                info[name] = f"{NOT_MEASURED}: {type(e).__name__}: {str(e)[:200]}"
+                continue
+            err[name] = agree(f"dit_cfg ({name})", np.asarray(ours_out), nhwc(out))
+            variants[name] = run
+    return _finish(a, f"{p.dit} CFG denoiser call, {p.batch} images ({2 * p.batch} model rows), "
+                      f"{p.latent}x{p.latent}x4 latents, float32", err, info, variants, p.repeats["dit_cfg"], ours)
+
+
+def row_ddim(p: Preset, a) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from terdit_jax.diffusion import samplers
+    from terdit_jax.diffusion.gaussian import create_diffusion
+    from terdit_jax.model_fn import bind
+
+    name = a.ddim_model or p.ddim_dit
+    config, apply, params, theirs = build_dit(name, p, a, seed=2)
+    m = config.model
+    x_T, _, y = _inputs(p, m, seed=3)
+    model_fn = bind(apply, params)
+
+    def ours(steps: int):
+        out = samplers.sample(model_fn, create_diffusion(f"ddim{steps}"), x_T.shape, jax.random.key(0),
+                              jnp.asarray(y), sampler="ddim", cfg_scale=CFG_SCALE, null_class=m.num_classes,
+                              guidance_channels=None, x_T=jnp.asarray(x_T))
+        return np.asarray(jax.block_until_ready(out))
+
+    def theirs_sample(steps: int):
+        """DiTPipeline.__call__'s loop (diffusers 0.42) from the given latents, without the VAE decode."""
+        import torch
+        from diffusers import DDIMScheduler
+        sched = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                              clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+        sched.set_timesteps(steps)
+        c = m.in_channels
+        lat, labels = to_torch(a, x_T, True), to_torch(a, y)
+        labels = torch.cat([labels, torch.full_like(labels, m.num_classes)])
+        lat = torch.cat([lat, lat])
+        for t in sched.timesteps:
+            half = lat[: len(lat) // 2]
+            inp = sched.scale_model_input(torch.cat([half, half]), t)
+            noise = theirs(inp, timestep=t[None].expand(len(inp)).to(a.dev), class_labels=labels).sample
+            eps, rest = noise[:, :c], noise[:, c:]
+            cond, uncond = torch.split(eps, len(eps) // 2)
+            half_eps = uncond + CFG_SCALE * (cond - uncond)
+            noise = torch.cat([torch.cat([half_eps, half_eps]), rest], 1)
+            lat = sched.step(noise[:, :c], t, lat).prev_sample
+        return nhwc(lat[: len(lat) // 2])
+
+    check, info, outs = p.check_steps, {}, {}
+    got, info[f"ours_first_{check}_step_sample_s"], _ = timed(lambda: ours(check))  # compiles the one step program
+    variants, err = {"ours": lambda: outs.__setitem__("ours", ours(p.ddim_steps))}, {}
+    if theirs is not None:
+        err[f"{check}_steps"] = agree(f"ddim {check} steps", got, torch_run(a, lambda: theirs_sample(check))())
+        variants["torch_eager"] = torch_run(a, lambda: outs.__setitem__("theirs", theirs_sample(p.ddim_steps)))
+    row = _finish(a, f"{name} DDIM {p.ddim_steps} steps, {p.batch} images, guidance {CFG_SCALE} (model batch "
+                     f"{2 * p.batch}), eta 0, float32", err, info, variants, p.repeats["ddim"])
+    if theirs is not None:  # the timed samples too
+        err[f"{p.ddim_steps}_steps"] = agree(f"ddim {p.ddim_steps} steps", outs["ours"], outs["theirs"])
+    return row
+
+
+def row_train(p: Preset, a) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    config, apply, params, theirs = build_dit(p.train_dit, p, a, seed=4)
+    m = config.model
+    x, t, y = _inputs(p, m, seed=5)
+    eps = np.random.default_rng(6).standard_normal(x.shape, dtype=np.float32)
+    lr, wd = 1e-4, 0.0  # DiT's AdamW settings
+    tx = optax.adamw(lr, weight_decay=wd)
+
+    def loss_fn(params, x, t, y, eps):
+        return jnp.mean(jnp.square(apply(params, x, t, y)[..., :m.in_channels] - eps))
+
+    def step(params, opt, x, t, y, eps):
+        loss, g = jax.value_and_grad(loss_fn)(params, x, t, y, eps)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, loss
+
+    batch = tuple(jnp.asarray(v) for v in (x, t, y, eps))
+    state = [params, tx.init(params)]
+    t0 = time.perf_counter()
+    ours_step = jax.jit(step, donate_argnums=(0, 1)).lower(*state, *batch).compile()
+    info, err = {"ours_s": round(time.perf_counter() - t0, 2)}, {}
+
+    if theirs is not None:
+        import torch
+        theirs.train()
+        for block in theirs.transformer_blocks:  # no label dropout on either side: the same labels, the same loss
+            block.norm1.emb.class_embedder.dropout_prob = 0.0
+        opt = torch.optim.AdamW(theirs.parameters(), lr=lr, weight_decay=wd)
+        tb = (to_torch(a, x, True), to_torch(a, t), to_torch(a, y), to_torch(a, eps, True))
+
+        def theirs_loss():
+            out = theirs(tb[0], timestep=tb[1], class_labels=tb[2]).sample
+            return torch.mean(torch.square(out[:, :m.in_channels] - tb[3]))
+
+        # the check: the loss and the qkv, fc1, adaLN gradients of block 0 and the final layer's, before any update
+        loss, g = jax.jit(jax.value_and_grad(loss_fn))(state[0], *batch)
+        ref = theirs_loss()
+        ref.backward()
+        tb0, b0 = theirs.transformer_blocks[0], g["blocks"][0]
+        grads = {"qkv": (b0["attn"]["qkv"]["kernel"][...],
+                         torch.cat([getattr(tb0.attn1, n).weight.grad for n in ("to_q", "to_k", "to_v")]).T),
+                 "fc1": (b0["mlp"]["fc1"]["kernel"][...], tb0.ff.net[0].proj.weight.grad.T),
+                 "adaLN": (b0["adaLN_modulation"]["kernel"][...], tb0.norm1.linear.weight.grad.T),
+                 "final": (g["final_layer"]["linear"]["kernel"][...], theirs.proj_out_2.weight.grad.T)}
+        err["loss"] = agree("train loss", float(loss), ref.item())
+        err.update({f"grad_{k}": agree(f"train grad {k}", np.asarray(o), r.cpu().numpy())
+                    for k, (o, r) in grads.items()})
+        opt.zero_grad(set_to_none=True)
+        del g, grads
+
+        def theirs_run():
+            loss = theirs_loss()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()  # waits for the device
+
+    def ours_run():
+        state[0], state[1], loss = ours_step(*state, *batch)
+        return float(loss)
+
+    _, info["ours_first_step_s"], _ = timed(ours_run)
+    variants = {"ours": ours_run}
+    if theirs is not None:
+        _, info["torch_eager_first_step_s"], _ = timed(theirs_run)  # AdamW allocates its moments here
+        variants["torch_eager"] = theirs_run
+    return _finish(a, f"{p.train_dit} training step (eps-MSE, AdamW lr {lr}), batch {p.batch}, "
+                      f"{p.latent}x{p.latent}x4 latents, float32", err, info, variants, p.repeats["train"], ours_step)
+
+
+def row_vae(p: Preset, a) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from terdit_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
+    from terdit_jax.vae.convert import convert_state_dict
+
+    cfg = VAEConfig(**{k: v for k, v in p.vae.items() if k in ("block_out_channels", "layers_per_block",
+                                                               "latent_channels", "norm_num_groups", "sample_size")})
+    theirs = None
+    if a.dev:
+        import torch
+        from diffusers import AutoencoderKL as TorchVAE
+        torch.manual_seed(7)
+        theirs = TorchVAE(**p.vae).eval()
+        with torch.no_grad():  # non-trivial norms and biases, so a wrong layout or a skipped op shows up
+            for name, w in theirs.named_parameters():
+                w.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(w.shape) if w.ndim == 1
+                        else torch.randn(w.shape) / w[0].numel() ** 0.5)
+        sd = {k: v.numpy().copy() for k, v in theirs.state_dict().items()}
+        if a.perturb:
+            k = "decoder.conv_in.weight"
+            sd[k] = sd[k] + np.float32(a.perturb) * np.abs(sd[k]).max()
+        ours_model = convert_state_dict(sd, cfg)
+        del sd
+        theirs = theirs.to(a.dev)
+    else:  # random weights of ours alone: the times do not depend on the values
+        ours_model = AutoencoderKL(cfg, rngs=nnx.Rngs(7))
+    graphdef, state = nnx.split(ours_model)
+    z = np.random.default_rng(8).standard_normal((p.batch, p.latent, p.latent, 4), dtype=np.float32)
+    zj = jnp.asarray(z)
+    t0 = time.perf_counter()
+    ours = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z)).lower(state, zj).compile()
+    info, err = {"ours_s": round(time.perf_counter() - t0, 2)}, {}
+    out, info["ours_first_call_s"], _ = timed(lambda: jax.block_until_ready(ours(state, zj)))
+    variants = {"ours": lambda: jax.block_until_ready(ours(state, zj))}
+    if theirs is not None:
+        zt = to_torch(a, z, True)
+        eager = torch_run(a, lambda: theirs.decode(zt).sample)
+        ref, info["torch_eager_first_call_s"], _ = timed(eager)
+        err["decode"] = agree("vae decode", np.asarray(out), nhwc(ref))
+        variants["torch_eager"] = eager
+    side = p.latent * cfg.downsample_factor
+    return _finish(a, f"AutoencoderKL {tuple(cfg.block_out_channels)} decode, {p.batch} latents "
+                      f"{p.latent}x{p.latent}x4 -> {side}x{side}x3, float32", err, info, variants,
+                   p.repeats["vae"], ours)
+
+
+ROW_FNS = {"dit_cfg": row_dit_cfg, "ddim": row_ddim, "train": row_train, "vae": row_vae}
+
+
+# ----------------------------------------------------------------------------- main
+
+def theirs_device(platform: str) -> tuple[str | None, str | None, dict]:
+    """(torch device for diffusers' side or None, why not, versions): the CPU with a CPU run, CUDA with a GPU
+    run when torch has it; otherwise ours runs alone and every comparison is "not measured"."""
+    try:
+        import diffusers  # noqa: F401
+        import torch
+    except ImportError as e:
+        return None, f"no torch/diffusers ({e})", {}
+    if platform == "cpu":
+        return "cpu", None, {}
+    if platform == "gpu" and torch.cuda.is_available():
+        return "cuda", None, {}
+    return None, "no CUDA torch" if platform == "gpu" else f"torch has no {platform} device", \
+        {"torch": torch.__version__}
+
+
+def pin_threads(n: int) -> list[int]:
+    """Pin this process (and the threads XLA and torch start later) to n cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if not 1 <= n <= len(cores):
+        raise SystemExit(f"error: --threads {n}: this process may use {len(cores)} cores; pass 1..{len(cores)}")
+    os.sched_setaffinity(0, cores[:n])
+    return cores[:n]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--quick", action="store_true", help="tiny preset of every row (seconds)")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats of every row (default: per row, above)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="cores for both sides")
+    ap.add_argument("--ddim_model", default=None, help="DiT preset of the ddim row (default DiT-S/2; --quick: tiny)")
+    ap.add_argument("--torch_compile", choices=("on", "off"), default=None,
+                    help="also time torch.compile in dit_cfg (default on; off with --quick: inductor takes ~30 s)")
+    ap.add_argument("--perturb", type=float, default=0.0,
+                    help="move one of OUR weights by this fraction of its max (the agreement check must then fail)")
+    a = ap.parse_args(argv)
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad or not rows:
+        print(f"error: --rows {a.rows!r}: unknown row(s) {bad}; choose from {', '.join(ROWS)}", file=sys.stderr)
+        return 2
+    if a.repeats is not None and a.repeats < 1:
+        print(f"error: --repeats {a.repeats}: need at least 1 timed repeat", file=sys.stderr)
+        return 2
+    cores = pin_threads(a.threads)
+    p = PRESETS["quick" if a.quick else "default"]
+    if a.repeats:
+        p = dataclasses.replace(p, repeats={r: a.repeats for r in ROWS})
+    if a.ddim_model is not None:
+        from terdit_jax.models import dit_xl
+        if a.ddim_model not in dit_xl.PRESETS:
+            print(f"error: --ddim_model {a.ddim_model!r} is not a DiT preset; choose from {', '.join(dit_xl.PRESETS)}",
+                  file=sys.stderr)
+            return 2
+    a.torch_compile = (a.torch_compile or ("off" if a.quick else "on")) == "on"
+
+    import jax
+    a.dev, a.why_not, versions = theirs_device(jax.default_backend())
+    if a.dev:
+        import torch
+        torch.set_num_threads(a.threads)
+        torch.manual_seed(0)
+        versions.update(torch=torch.__version__, diffusers=__import__("diffusers").__version__)
+    if a.dev == "cuda":  # full float32 matmuls on both sides (TF32 would fail the 1e-4 check)
+        jax.config.update("jax_default_matmul_precision", "highest")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    device = jax.devices()[0]
+    report = {"benchmark": "vs_diffusers", "preset": "quick" if a.quick else "default", "platform": device.platform,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": {"cores_used": cores, "cpu_count": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0],
+                          "jax_device": f"{device.platform}:{device.device_kind}", "torch_device": a.dev,
+                          "torch_threads": a.threads if a.dev else None},
+              "theirs": "measured" if a.dev else f"{NOT_MEASURED}: {a.why_not}",
+              "versions": {"jax": jax.__version__, **versions}, "tolerance": TOL, "rows": {}}
+    for r in rows:
+        t0 = time.perf_counter()
+        print(f"[vs_diffusers] {r} ...", file=sys.stderr, flush=True)
+        try:
+            res = ROW_FNS[r](p, a)
+        except AgreementError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        res["wall_s"] = round(time.perf_counter() - t0, 1)
+        report["rows"][r] = res
+        print(f"[vs_diffusers] {r}: {json.dumps(res['ratio'])} in {res['wall_s']} s", file=sys.stderr, flush=True)
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:  # accelerators: the device peaks of both sides
+        report["device_peak_bytes"] = {"ours": stats["peak_bytes_in_use"]}
+        if a.dev == "cuda":
+            report["device_peak_bytes"]["theirs"] = torch.cuda.max_memory_allocated()
+    report["load_avg_1m_at_end"] = os.getloadavg()[0]
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
