@@ -87,9 +87,11 @@ def residual_buffer(x: jax.Array) -> jax.Array:
 
 def _materialize(x: jax.Array) -> jax.Array:
     # XLA's CPU pipeline drops optimization barriers before fusing, but never fuses through a dot: x times a small
-    # identity (exact in any float dtype, 2·x.size·k FLOPs) is the cheapest op that makes x a buffer.
+    # identity (2·x.size·k FLOPs) is the cheapest op that makes x a buffer. HIGHEST keeps it exact where float32
+    # dots would otherwise round through TF32 (GPUs).
     k = math.gcd(x.shape[-1], 64)
-    return (x.reshape(-1, k) @ jnp.eye(k, dtype=x.dtype)).reshape(x.shape)
+    eye = jnp.eye(k, dtype=x.dtype)
+    return jnp.matmul(x.reshape(-1, k), eye, precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
 
 
 def _residual_fwd(x):
