@@ -174,7 +174,8 @@ def compiled_memory(compiled) -> dict:
 
 
 def ratios(times: dict, ours: str = "ours") -> dict:
-    return {f"{ours}/{n}": round(times[ours]["median_s"] / v["median_s"], 3) for n, v in times.items() if n != ours}
+    # four significant digits: a fixed number of decimals loses a small ratio's precision (the --quick rows)
+    return {f"{ours}/{n}": float(f"{times[ours]['median_s'] / v['median_s']:.4g}") for n, v in times.items() if n != ours}
 
 
 # ----------------------------------------------------------------------------- one set of DiT weights
