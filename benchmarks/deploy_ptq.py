@@ -17,7 +17,8 @@ Two measurements, each a comparison inside one run:
 
   python benchmarks/deploy_ptq.py                 # both (DiT-XL/2 compiles: minutes on 2 cores)
   python benchmarks/deploy_ptq.py --quick         # a tiny DiT for the memory table, few repeats: seconds
-  python benchmarks/deploy_ptq.py --step          # DiT-XL/2 CFG model call, W8A8/W4A8 vs bf16 (GPU suite stage)
+  python benchmarks/deploy_ptq.py --step          # the GPU suite's stage: W8A8/W4A8 matmuls at DiT-XL/2 shapes
+                                                  # (M 256..8192) and one CFG model call (batch 2), vs bf16
 """
 from __future__ import annotations
 
@@ -213,16 +214,51 @@ def gemm_table(repeats: int, m: int = 2048, k: int = 1152, n: int = 1152) -> dic
             "int8_speedup_vs": {v: round(t / med["int8"], 2) for v, t in med.items()}}
 
 
+LAYERS = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}  # DiT-XL/2 (K, N)
+
+
+def matmul_sweep(ms, repeats: int, layers=None) -> list[dict]:
+    """Per DiT-XL/2 layer and M: one W8A8 and one W4A8 `terdit_kernels.int_matmul` (backend auto: XLA's int8
+    GEMM; the Triton W4A8 kernel on a GPU) against a bf16 jnp.dot of the same shape, medians of alternated repeats."""
+    import terdit_kernels
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, (k, n) in (layers or LAYERS).items():
+        w8 = jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8)
+        w4 = terdit_kernels.pack_int4(jnp.asarray(rng.integers(-8, 8, (k, n)), jnp.int8))
+        wb = w8.astype(jnp.bfloat16)
+        for m in ms:
+            xi = jnp.asarray(rng.integers(-128, 128, (m, k)), jnp.int8)
+            fns = {"bf16": (jax.jit(jnp.dot), xi.astype(jnp.bfloat16), wb),
+                   "w8a8": (jax.jit(lambda a, b: terdit_kernels.int_matmul(a, b, k=k, w_bits=8)), xi, w8),
+                   "w4a8": (jax.jit(lambda a, b: terdit_kernels.int_matmul(a, b, k=k, w_bits=4)), xi, w4)}
+            for fn, a, b in fns.values():
+                jax.block_until_ready(fn(a, b))
+            times = {v: [] for v in fns}
+            for _ in range(repeats):
+                for v, (fn, a, b) in fns.items():
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn(a, b))
+                    times[v].append(time.perf_counter() - t0)
+            med = {v: statistics.median(ts) for v, ts in times.items()}
+            rows.append({"layer": name, "K": k, "N": n, "M": m, "ms": {v: round(1e3 * t, 4) for v, t in med.items()},
+                         "speedup_vs_bf16": {v: round(med["bf16"] / t, 3) for v, t in med.items() if v != "bf16"}})
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny DiT for the memory table, 3 repeats")
     p.add_argument("--skip", choices=("memory", "time"), default=None)
-    p.add_argument("--step", action="store_true", help="only the DiT-XL/2 CFG step against bf16 (the GPU stage)")
+    p.add_argument("--step", action="store_true",
+                   help="the GPU stage: W8A8/W4A8 matmuls at DiT-XL/2 shapes and one CFG model call, against bf16")
     a = p.parse_args(argv)
-    report = {"device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
+    report = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(), "os": platform.platform(),
               "jax": jax.__version__, "quick": a.quick}
     if a.step:
-        report["step"] = [step_time(32 if a.quick else 256, b, 2 if a.quick else 20, a.quick) for b in (2, 16)]
+        small = {"fc1": (64, 128)} if a.quick else None
+        report["matmul"] = matmul_sweep((16, 64) if a.quick else (256, 1024, 4096, 8192), 3 if a.quick else 10, small)
+        report["step"] = step_time(32 if a.quick else 256, 2, 2 if a.quick else 10, a.quick)
         print(json.dumps(report, indent=1))
         return report
     if a.skip != "memory":

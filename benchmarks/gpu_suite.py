@@ -23,6 +23,8 @@ Stages (random weights of the real shapes; speed and memory do not depend on tra
   demo            python -m terdit_jax.main: the demo config trained 200 steps and its DDIM-50 grid
   ptq_512         benchmarks/ptq_scaling.py --single: PTQ4DiT W8A8 on DiT-XL/2-wide random weights at 512 px (2 blocks,
                   16 calibration entries, 50 reconstruction iterations per unit): device peak, seconds per unit
+  ptq_deploy      benchmarks/deploy_ptq.py --step: W8A8 and W4A8 integer matmuls at the DiT-XL/2 layer shapes, M from
+                  256 to 8,192, and one DiT-XL/2 CFG model call deployed W8A8/W4A8, against bf16
   vs_diffusers    benchmarks/vs_diffusers.py: DiT-XL/2 CFG call, DiT-B/2 DDIM-50 sample and training step, SD-VAE
                   decode against diffusers on the same GPU when a CUDA torch and diffusers import; otherwise ours
                   alone, absolute times on the named device, and the comparison "not measured"
@@ -54,13 +56,14 @@ NOT_MEASURED = "not measured"
 # suite's own work) and under the 8 minutes one call may take; each stage may also spend what earlier stages
 # left unused (never what later ones are owed), so the run ends within the total whatever happens. How each
 # was sized is in benchmarks/gpu_suite.md.
-BUDGETS = {"install": 20, "env": 15, "kernels": 80, "sample_4.2b": 70, "train_600m": 80, "train_4.2b_512": 45,
-           "sample_600m": 35, "demo": 30, "ptq_512": 30, "vs_diffusers": 60}
+BUDGETS = {"install": 20, "env": 15, "kernels": 70, "sample_4.2b": 65, "train_600m": 70, "train_4.2b_512": 45,
+           "sample_600m": 30, "demo": 25, "ptq_512": 25, "ptq_deploy": 45, "vs_diffusers": 55}
 TOTAL_BUDGET_S = 470
 # --tiny on a 2-core CPU: each stage took 1-31 s on the VM under a load of ~4; 4-60x that, so that a busy CI
 # machine does not time a stage out (the test runs --tiny).
 TINY_BUDGETS = {"install": 60, "env": 60, "kernels": 120, "sample_4.2b": 120, "train_600m": 180,
-                "train_4.2b_512": 120, "sample_600m": 120, "demo": 150, "ptq_512": 150, "vs_diffusers": 120}
+                "train_4.2b_512": 120, "sample_600m": 120, "demo": 150, "ptq_512": 150, "ptq_deploy": 120,
+                "vs_diffusers": 120}
 STAGES = tuple(BUDGETS)
 FORCED_FAILURE_FLAG = "--gpu-suite-forced-failure"  # an argument no stage's parser accepts (--fail)
 
@@ -356,6 +359,11 @@ def cmd_ptq(ctx):
              *size], {}, None)
 
 
+def cmd_ptq_deploy(ctx):
+    script = os.path.join(ROOT, "benchmarks", "deploy_ptq.py")
+    return [ctx.python, script, "--step", *(["--quick"] if ctx.tiny else [])], {}, None
+
+
 def cmd_vs_diffusers(ctx):
     script = os.path.join(ROOT, "benchmarks", "vs_diffusers.py")
     # torch.compile off: inductor's compile of DiT-XL/2 alone would take most of the stage's budget
@@ -367,7 +375,7 @@ def cmd_vs_diffusers(ctx):
 COMMANDS = {"env": cmd_env, "kernels": cmd_kernels, "sample_4.2b": lambda c: _cmd_sample(c, "4.2B"),
             "train_600m": cmd_train_600m, "train_4.2b_512": cmd_train_4b,
             "sample_600m": lambda c: _cmd_sample(c, "600M"), "demo": cmd_demo, "ptq_512": cmd_ptq,
-            "vs_diffusers": cmd_vs_diffusers}
+            "ptq_deploy": cmd_ptq_deploy, "vs_diffusers": cmd_vs_diffusers}
 
 
 def run_stage(ctx: Context, name: str, allowed_s: float) -> dict:
@@ -530,6 +538,18 @@ def goals(stages: dict, tiny: bool) -> list[dict]:
         "<= 24 GB", None if pd is None else pd[1], None if pd is None else pd[1] <= 24 * GB,
         None if pd is None else f"{pd[1] / GB:.1f} GB ({pd[0] / GB:.1f} measured)")
 
+    def slowest_w8a8(r):  # the slowest layer at M >= 1024
+        rows = [x for x in r["matmul"] if x["M"] >= 1024]
+        worst = min(rows, key=lambda x: x["speedup_vs_bf16"]["w8a8"])
+        return worst["speedup_vs_bf16"]["w8a8"], f"{worst['layer']} at M={worst['M']}"
+    mm = _ok(stages, "ptq_deploy", slowest_w8a8)
+    add("ptq_deploy", "deployed PTQ: W8A8 matmul over a bf16 dot, slowest DiT-XL/2 layer at M >= 1024", ">= 1.5x",
+        None if mm is None else mm[0], None if mm is None else mm[0] >= 1.5,
+        None if mm is None else f"{mm[0]:.2f}x ({mm[1]})")
+    st = _ok(stages, "ptq_deploy", lambda r: r["step"]["speedup_vs_bf16"]["W8A8"])
+    add("ptq_deploy", "deployed PTQ: DiT-XL/2 CFG model call W8A8 over bf16", ">= 1.3x", st,
+        None if st is None else st >= 1.3, None if st is None else f"{st:.2f}x")
+
     def worst_ratio(r):  # judged only when diffusers ran on the same GPU
         if r["machine"]["torch_device"] != "cuda":
             return None
@@ -643,6 +663,18 @@ def _md_demo(r: dict) -> list[str]:
             f"`{json.dumps(r['last_metrics'])}`."]
 
 
+def _md_ptq_deploy(r: dict) -> list[str]:
+    rows = [[x["layer"], f"{x['K']}x{x['N']}", x["M"], _fmt(x["ms"]["bf16"], ".4g"), _fmt(x["ms"]["w8a8"], ".4g"),
+             _fmt(x["ms"]["w4a8"], ".4g"), x["speedup_vs_bf16"]["w8a8"], x["speedup_vs_bf16"]["w4a8"]]
+            for x in r["matmul"]]
+    st = r["step"]
+    return ["## Deployed PTQ (integer matmuls)", "", "Medians of alternated repeats, ms; speedup = bf16 / integer.",
+            ""] + _md_table(["layer", "KxN", "M", "bf16", "W8A8", "W4A8", "W8A8 x", "W4A8 x"], rows) + \
+        ["", f"DiT CFG model call at batch {st['batch']}, {st['image_size']} px: "
+             + ", ".join(f"{v} {_fmt(t, '.4g')} s" for v, t in st["median_s"].items())
+             + f"; speedup over bf16: W8A8 {st['speedup_vs_bf16']['W8A8']}, W4A8 {st['speedup_vs_bf16']['W4A8']}."]
+
+
 def _md_vs_diffusers(r: dict) -> list[str]:
     m = r["machine"]
     lines = ["## Against diffusers", "", f"JAX on {m['jax_device']}, torch on {m['torch_device'] or NOT_MEASURED} "
@@ -656,7 +688,7 @@ def _md_vs_diffusers(r: dict) -> list[str]:
 
 SECTIONS = (("kernels", _md_kernels), ("sample_4.2b", _md_sample), ("train_600m", _md_train),
             ("train_4.2b_512", _md_train_4b), ("sample_600m", _md_sample), ("demo", _md_demo), ("ptq_512", _md_ptq),
-            ("vs_diffusers", _md_vs_diffusers))
+            ("ptq_deploy", _md_ptq_deploy), ("vs_diffusers", _md_vs_diffusers))
 
 
 def render_md(report: dict) -> str:

@@ -60,7 +60,7 @@ def test_tiny_run_reports_every_stage_and_survives_a_failing_and_an_overrunning_
     assert list(stages) == list(suite.STAGES)
     assert {n: s["status"] for n, s in stages.items()} == {
         "install": "ok", "env": "ok", "kernels": "ok", "sample_4.2b": "ok", "train_600m": "ok",
-        "train_4.2b_512": "ok", "sample_600m": "timed out", "demo": "failed", "ptq_512": "ok",
+        "train_4.2b_512": "ok", "sample_600m": "timed out", "demo": "failed", "ptq_512": "ok", "ptq_deploy": "ok",
         "vs_diffusers": "ok"}, stages["install"]
     assert stages["install"]["missing"] == missing and sorted(stages["install"]["installed"]) == sorted(stubs)
     assert suite.FORCED_FAILURE_FLAG.lstrip("-") in stages["demo"]["error"]
@@ -78,7 +78,7 @@ def test_tiny_run_reports_every_stage_and_survives_a_failing_and_an_overrunning_
     assert stages["train_4.2b_512"]["result"]["ternary"]["memory_per_device"]["total"] > 0
 
     goals = report["goals"]
-    assert len(goals) == 14 and {g["status"] for g in goals} == {"not measured"}  # nothing is judged on a CPU
+    assert len(goals) == 16 and {g["status"] for g in goals} == {"not measured"}  # nothing is judged on a CPU
     md = (out / "gpu_suite.md").read_text()
     for g in goals:
         assert f"| {g['goal']} | {g['target']} |" in md
@@ -88,6 +88,8 @@ def test_tiny_run_reports_every_stage_and_survives_a_failing_and_an_overrunning_
     vs = stages["vs_diffusers"]["result"]  # --quick on the CPU: both sides, compared before timing
     assert vs["theirs"] == "measured" and all(e <= 1e-4 for r in vs["rows"].values() for e in r["max_rel_err"].values())
     assert "## Against diffusers" in md
+    dep = stages["ptq_deploy"]["result"]  # --quick on the CPU: the integer matmuls and the model call ran
+    assert dep["matmul"] and dep["step"]["median_s"]["W8A8"] > 0 and "## Deployed PTQ (integer matmuls)" in md
     assert "===== kernels:" in (out / "gpu_suite.log").read_text()
 
 
@@ -116,6 +118,11 @@ def _gpu_stages():
         "ptq_512": {"status": "ok", "result": {"platform": "gpu", "methods": {"ptq4dit_512": {"runs": [{
             "depth": 2, "stages": {"calibration set": {"device_peak_bytes": 2e9},
                                    "reconstruction": {"device_peak_bytes": 22e9}}}]}}}},
+        "ptq_deploy": {"status": "ok", "result": {"platform": "gpu", "matmul": [
+            {"layer": "fc1", "M": 256, "speedup_vs_bf16": {"w8a8": 1.1, "w4a8": 0.9}},  # M < 1024: not judged
+            {"layer": "qkv", "M": 1024, "speedup_vs_bf16": {"w8a8": 1.6, "w4a8": 1.2}},
+            {"layer": "fc2", "M": 4096, "speedup_vs_bf16": {"w8a8": 1.4, "w4a8": 1.3}}],
+            "step": {"speedup_vs_bf16": {"bf16": 1.0, "W8A8": 1.35, "W4A8": 1.2}}}},
         "vs_diffusers": {"status": "ok", "result": {
             "platform": "gpu", "machine": {"jax_device": "gpu:NVIDIA H200", "torch_device": "cuda"},
             "rows": {"dit_cfg": {"ratio": {"ours/torch_eager": 0.7}}, "vae": {"ratio": {"ours/torch_eager": 1.2}}}}},
@@ -138,6 +145,8 @@ def test_goals_are_met_or_not_from_gpu_numbers_and_not_measured_otherwise():
         "not measured",   # the 4.2B/512 stage failed
         "met",            # the demo wrote its grid, loss finite
         "not met",        # PTQ 512 px: 22 GB measured + 26 blocks' weights (2.5 GB) > 24 GB
+        "not met",        # deployed W8A8 matmul at M >= 1024: the slowest layer (fc2, 1.4x) < 1.5x
+        "met",            # deployed W8A8 CFG call 1.35x >= 1.3x
         "not met",        # against diffusers: the slowest row (vae) is 1.2x
     ]
     # the same numbers from a --tiny run, or from stages that ran on a CPU, judge nothing
