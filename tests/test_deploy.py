@@ -203,3 +203,44 @@ def test_the_deployment_benchmark_counts_bytes_from_the_layer_shapes():
     assert rows["bf16"]["linear_bytes"] == sum(2 * (k * n + n * b) for (k, n), b in shapes)
     assert report["memory"]["32px"]["goals"]["W8A8_linears_le_0.51x_bf16"] == (
         rows["W8A8"]["linear_bytes"] <= 0.51 * rows["bf16"]["linear_bytes"])
+
+
+def test_integer_attention_products_equal_the_fake_quantized_products_in_float64():
+    """q·kᵀ and softmax·V from integer codes (quant/integer.py) against NumPy float64 products of the fake-quantized
+    tensors: asymmetric per-tensor q/k/v and unsigned probabilities (RTN/PTQ4DiT), and symmetric per-head, per-row
+    (time-grouped) steps with the two-region softmax quantizer (TQ-DiT)."""
+    from terdit_jax.quant.integer import probs_values, qk_logits
+    from terdit_jax.quant.quantizers import TwoRegionSoftmax, UniformQuantizer
+    rng = np.random.default_rng(3)
+    b, t, h, d = 2, 6, 3, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(3))
+    probs = jax.nn.softmax(jnp.asarray(rng.standard_normal((b, h, t, t)) * 2, jnp.float32), axis=-1)
+    steps = jnp.array([3, 700])
+
+    def uniform(x, **kw):
+        site = UniformQuantizer(path="s", shape=(None, None, h, d), bits=8, **kw)
+        site.calibrate(x) if site.time_groups == 1 else [site.calibrate(x * (g + 1), g) for g in range(2)]
+        if site.time_groups > 1:
+            site.time_group[...] = (jnp.arange(1000) >= 500).astype(jnp.int32)
+        return site
+
+    cases = {"per tensor": dict(), "per head, time groups": dict(symmetric=True, granularity="channel", axis=2,
+                                                                time_groups=2)}
+    for name, kw in cases.items():
+        sq, sk, sv = uniform(q, **kw), uniform(k, **kw), uniform(v, **kw)
+        q_hat, k_hat, v_hat = (np.asarray(s(x, steps), np.float64) for s, x in ((sq, q), (sk, k), (sv, v)))
+        got = np.asarray(qk_logits(encode(sq, q, steps, 3), encode(sk, k, steps, 3)))
+        want = np.einsum("bqhd,bkhd->bhqk", q_hat, k_hat)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+        if name == "per tensor":
+            sp = UniformQuantizer(path="p", shape=(None, h, None, None), bits=8, zero_point=False)
+            sp.calibrate(probs)
+        else:
+            sp = TwoRegionSoftmax(path="p", shape=(None, h, None, None), bits=8, time_groups=2)
+            sp.split[...] = jnp.array([0.05, 0.2])
+            sp.time_group[...] = (jnp.arange(1000) >= 500).astype(jnp.int32)
+        p_parts = encode(sp, probs, steps, 3)
+        assert len(p_parts) == (1 if name == "per tensor" else 2)
+        got = np.asarray(probs_values(p_parts, encode(sv, v, steps, 1)))
+        want = np.einsum("bhqk,bkhd->bqhd", np.asarray(sp(probs, steps), np.float64), v_hat)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
