@@ -57,3 +57,19 @@ def test_pixart_configs_count_the_released_parameters(name, table):
     # sum of p.numel() over diffusers' PixArtTransformer2DModel of these configs (built on the meta device)
     assert count_params(cfg.model, trainable_only=True) == 610_856_096
     assert count_params(cfg.model) == 610_856_096 + table
+
+
+def test_pixart_training_forward_with_remat_equals_the_model_call():
+    from terdit_jax import parallel
+    model = build(tiny_cfg().model, nnx.Rngs(1))
+    rng = np.random.default_rng(1)
+    for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # proj_out starts at 0: make every path count
+        p.set_value(0.2 * rng.standard_normal(p.get_value().shape).astype(np.float32))
+    x = rng.standard_normal((2, LATENT, LATENT, 4)).astype(np.float32)
+    t, y = np.array([5, 900]), (rng.standard_normal((2, N, CC)).astype(np.float32), np.ones((2, N), np.float32))
+    gd, st = nnx.split(model)
+    got = parallel.forward(gd, st, x, t, y, remat="full" if "full" in parallel.REMAT_POLICIES else
+                           next(iter(parallel.REMAT_POLICIES)), constrain_acts=False)
+    want = np.asarray(model(x, t, y))
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
