@@ -1,0 +1,49 @@
+"""The Flax T5 v1.1 encoder (text/t5.py) through its importer equals transformers' T5EncoderModel with a tiny
+random config (float32, padded batch)."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from terdit_jax.text.t5 import T5Config, encode, from_hf
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _transformers():
+    """transformers imports the Hugging Face `kernels` package when it is installed; run from the repo root, the
+    repo's kernels/ folder would shadow it, so import with the root off sys.path."""
+    saved, shadow = sys.path[:], sys.modules.pop("kernels", None)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != ROOT]
+    try:
+        transformers = pytest.importorskip("transformers")
+        return transformers, transformers.T5Config, transformers.T5EncoderModel
+    finally:
+        sys.path[:] = saved
+        if shadow is not None:
+            sys.modules["kernels"] = shadow
+
+
+def test_t5_encoder_equals_transformers():
+    torch = pytest.importorskip("torch")
+    transformers, T5Config_, T5EncoderModel = _transformers()
+    cfg = T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, num_buckets=8,
+                   max_distance=16)
+    hf_cfg = T5Config_(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                              feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+    torch.manual_seed(0)
+    ref = T5EncoderModel(hf_cfg).eval()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 50, (2, 20))
+    mask = np.ones((2, 20), np.int64)
+    mask[0, 13:] = 0
+    with torch.no_grad():
+        want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+    got = np.asarray(encode(from_hf({k: v.numpy() for k, v in ref.state_dict().items()}, cfg), cfg, ids, mask))
+    keep = mask.astype(bool)  # padded positions are not used downstream (the caption mask hides them)
+    err = np.abs(got[keep] - want[keep]).max() / np.abs(want[keep]).max()
+    print("t5 rel err", err)
+    assert err <= 1e-4, err
