@@ -9,6 +9,7 @@ from terdit_jax.config import base_config, finalize
 from terdit_jax.convert.pixart_diffusers import load_diffusers
 from terdit_jax.models.families import build, count_params
 
+
 D, L, H, P, CC, N, LATENT = 64, 2, 4, 2, 32, 6, 8
 
 
@@ -73,3 +74,13 @@ def test_pixart_training_forward_with_remat_equals_the_model_call():
     want = np.asarray(model(x, t, y))
     assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_pixart_ternary_config_quantizes_the_block_linears_only():
+    from terdit_jax.models.linears import layer_kind
+    cfg = finalize(__import__("terdit_jax.configs.pixart_alpha_512", fromlist=["x"]).get_config())
+    cfg.model.linear = "ternary"
+    assert layer_kind("transformer_blocks.27.attn2.to_k", cfg.model) == "ternary"
+    assert layer_kind("transformer_blocks.0.ff_net_2", cfg.model) == "ternary"
+    assert layer_kind("caption_projection.linear_1", cfg.model) == "fp"
+    assert layer_kind("final_layer.proj_out", cfg.model) == "fp"
