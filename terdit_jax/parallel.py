@@ -195,6 +195,7 @@ def forward(graphdef, params, x, t, y, *, remat: str = "none", mesh: Mesh | None
     acts = ("batch", "tokens", None)
     cons = (lambda a: constrain(a, mesh, acts)) if constrain_acts else (lambda a: a)
     tokens, ctx = model.embed(x, t)
+    ctx = model.attach(ctx, y)
     tokens = cons(tokens)
     c = model.condition(t, y, None)
     for block in model.block_list():

@@ -9,8 +9,28 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 XLA_FLAGS = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 os.environ["XLA_FLAGS"] = XLA_FLAGS
 
+import importlib.abc  # noqa: E402
+import importlib.machinery  # noqa: E402
+import sys  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _InstalledKernelsFirst(importlib.abc.MetaPathFinder):
+    """transformers (and diffusers through it) imports the Hugging Face `kernels` package when it is installed; at
+    the repo root the repo's kernels/ folder (installed as terdit_kernels) would shadow it and break the import."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "kernels":
+            return None
+        return importlib.machinery.PathFinder.find_spec(
+            name, [p for p in sys.path if os.path.abspath(p or ".") != _ROOT])
+
+
+sys.meta_path.insert(0, _InstalledKernelsFirst())
 
 from terdit_jax.config import base_config, finalize  # noqa: E402
 

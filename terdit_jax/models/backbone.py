@@ -30,6 +30,7 @@ class Context(NamedTuple):
     """
     t: jax.Array
     angles: jax.Array | None
+    caption: tuple | None = None  # (tokens (B, N, D), mask (B, N)) of a text-conditioned family, set by `attach`
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -79,6 +80,10 @@ class DiffusionTransformer(nnx.Module):
       block_list() → the transformer blocks in order, each called block(tokens, c, ctx, mod=None) → tokens.
     """
 
+    def attach(self, ctx: Context, y) -> Context:
+        """ctx with what the blocks need from y besides `condition` (a text family's caption tokens)."""
+        return ctx
+
     def unembed(self, tokens: jax.Array, c: jax.Array, ctx: Context, h: int, w: int) -> jax.Array:
         """Final layer and unpatchify: tokens (B, T, D) → (B, H, W, out_channels) float32."""
         return unpatchify(self.final_layer(tokens, c, ctx.t), self.patch_size, h, w).astype(jnp.float32)
@@ -88,6 +93,7 @@ class DiffusionTransformer(nnx.Module):
         """`modulations` (L, B, 6D): precomputed adaLN outputs of every block (they depend only on t and y), so a
         deployment can compute them for all blocks in one batched matmul."""
         tokens, ctx = self.embed(x, t)
+        ctx = self.attach(ctx, y)
         c = self.condition(t, y, drop_key)
         for i, block in enumerate(self.block_list()):
             tokens = block(tokens, c, ctx, None if modulations is None else modulations[i])

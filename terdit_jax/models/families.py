@@ -12,7 +12,7 @@ from typing import Callable
 import jax
 from flax import nnx
 
-from terdit_jax.models import dit, dit_xl
+from terdit_jax.models import dit, dit_xl, pixart
 from terdit_jax.quant.sites import check_rules, recording
 from terdit_jax.registry import Registry
 
@@ -51,17 +51,24 @@ FAMILIES: Registry[Family] = Registry("model family", {
         module=dit.DiT,
         presets={name: dict(dim=d, n_layers=n, n_heads=h) for name, (d, n, h) in dit.PRESETS.items()},
         cond_dim=lambda d: min(d, 1024),
-        unused_fields=("mlp_ratio",),
+        unused_fields=("mlp_ratio", *pixart.OWN_FIELDS),
         importer="terdit_jax.convert.terdit_official",
         check=_large_dit_check),
     "dit": Family(
         module=dit_xl.OriginalDiT,
         presets=dit_xl.PRESETS,
         cond_dim=lambda d: d,  # the original DiT conditions on the full width (no 1024 cap)
-        unused_fields=dit_xl.UNUSED_FIELDS,
+        unused_fields=(*dit_xl.UNUSED_FIELDS, *pixart.OWN_FIELDS),
         fixed_params=dit_xl.fixed_params,
         importer="terdit_jax.convert.dit_official",
         check=dit_xl.check),
+    "pixart": Family(
+        module=pixart.PixArt,
+        presets=pixart.PRESETS,
+        cond_dim=lambda d: 7 * d,  # [embedded t | the shared adaLN-single output]
+        unused_fields=pixart.UNUSED_FIELDS,
+        fixed_params=lambda cfg: (int(cfg.input_size) // int(cfg.patch_size)) ** 2 * int(cfg.dim),
+        check=pixart.check),
 })
 
 

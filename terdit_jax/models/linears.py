@@ -21,7 +21,7 @@ from terdit_jax.models.ternary import Dense, ShardGammaTernaryDense, TernaryDens
 from terdit_jax.quant.sites import make_site
 from terdit_jax.registry import Registry
 
-_BLOCK_PREFIX = re.compile(r"^(layers|blocks)\.\d+\.")
+_BLOCK_PREFIX = re.compile(r"^(layers|blocks|transformer_blocks)\.\d+\.")
 
 
 def _fp(in_features, out_features, cfg, **kw):

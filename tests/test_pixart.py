@@ -1,0 +1,86 @@
+"""The PixArt family (models/pixart.py) through its importer (convert/pixart_diffusers.py) equals diffusers'
+PixArtTransformer2DModel built from the same tiny config with random weights; presets count the released sizes."""
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from terdit_jax.config import base_config, finalize
+from terdit_jax.convert.pixart_diffusers import load_diffusers
+from terdit_jax.models.families import build, count_params
+
+
+D, L, H, P, CC, N, LATENT = 64, 2, 4, 2, 32, 6, 8
+
+
+def tiny_cfg():
+    c = base_config()
+    c.model.update(family="pixart", name="custom", dim=D, n_layers=L, n_heads=H, patch_size=P, caption_channels=CC,
+                   caption_len=N, dtype="float32")
+    c.data.image_size = 8 * LATENT
+    return finalize(c)
+
+
+def test_pixart_equals_diffusers_with_random_weights():
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(0)
+    ref = PixArtTransformer2DModel(sample_size=LATENT, patch_size=P, in_channels=4, out_channels=8, num_layers=L,
+                                   num_attention_heads=H, attention_head_dim=D // H, cross_attention_dim=D,
+                                   caption_channels=CC, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                   norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate",
+                                   use_additional_conditions=False).eval()
+    with torch.no_grad():  # diffusers zero-initialises some layers: randomise all so every path matters
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    cfg = tiny_cfg()
+    model = build(cfg.model, nnx.Rngs(0))
+    load_diffusers(model, {k: v.numpy() for k, v in ref.state_dict().items()})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, LATENT, LATENT, 4)).astype(np.float32)
+    t = np.array([3, 700])
+    cap = rng.standard_normal((2, N, CC)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), encoder_hidden_states=torch.from_numpy(cap),
+                   timestep=torch.from_numpy(t), encoder_attention_mask=torch.from_numpy(mask),
+                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample.permute(0, 2, 3, 1).numpy()
+    got = np.asarray(model(x, t, (cap, mask)))
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= 1e-4, err
+    # the mask matters: unmasking the padding changes the first sample
+    assert np.abs(np.asarray(model(x, t, (cap, np.ones_like(mask))))[0] - got[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name,table", [("pixart_alpha_512", 1024 * 1152), ("pixart_sigma_1024", 4096 * 1152)])
+def test_pixart_configs_count_the_released_parameters(name, table):
+    import importlib
+    cfg = finalize(importlib.import_module(f"terdit_jax.configs.{name}").get_config())
+    # sum of p.numel() over diffusers' PixArtTransformer2DModel of these configs (built on the meta device)
+    assert count_params(cfg.model, trainable_only=True) == 610_856_096
+    assert count_params(cfg.model) == 610_856_096 + table
+
+
+def test_pixart_training_forward_with_remat_equals_the_model_call():
+    from terdit_jax import parallel
+    model = build(tiny_cfg().model, nnx.Rngs(1))
+    rng = np.random.default_rng(1)
+    for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # proj_out starts at 0: make every path count
+        p.set_value(0.2 * rng.standard_normal(p.get_value().shape).astype(np.float32))
+    x = rng.standard_normal((2, LATENT, LATENT, 4)).astype(np.float32)
+    t, y = np.array([5, 900]), (rng.standard_normal((2, N, CC)).astype(np.float32), np.ones((2, N), np.float32))
+    gd, st = nnx.split(model)
+    got = parallel.forward(gd, st, x, t, y, remat="full" if "full" in parallel.REMAT_POLICIES else
+                           next(iter(parallel.REMAT_POLICIES)), constrain_acts=False)
+    want = np.asarray(model(x, t, y))
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_pixart_ternary_config_quantizes_the_block_linears_only():
+    from terdit_jax.models.linears import layer_kind
+    cfg = finalize(__import__("terdit_jax.configs.pixart_alpha_512", fromlist=["x"]).get_config())
+    cfg.model.linear = "ternary"
+    assert layer_kind("transformer_blocks.27.attn2.to_k", cfg.model) == "ternary"
+    assert layer_kind("transformer_blocks.0.ff_net_2", cfg.model) == "ternary"
+    assert layer_kind("caption_projection.linear_1", cfg.model) == "fp"
+    assert layer_kind("final_layer.proj_out", cfg.model) == "fp"
