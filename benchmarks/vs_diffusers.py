@@ -47,7 +47,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repo root last, not first: its kernels/ folder (installed as terdit_kernels) would otherwise shadow the Hugging
+# Face `kernels` package that transformers, and diffusers through it, import.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TOL = 1e-4  # max |ours − theirs| / max |theirs| before anything is timed
 NOT_MEASURED = "not measured"
