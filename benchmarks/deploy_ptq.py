@@ -123,6 +123,21 @@ def _demo_config():
     return finalize(c).model
 
 
+def medians(calls: dict, repeats: int, warm: bool = True) -> dict:
+    """{name: median seconds} of zero-argument calls (each runs one jitted call and waits for it), timed in
+    alternation so that the drifts of a noisy machine hit every variant alike; `warm`: one untimed call each first."""
+    if warm:
+        for call in calls.values():
+            call()
+    times = {n: [] for n in calls}
+    for _ in range(repeats):
+        for n, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
 def _wide_config():
     """Two DiT-XL/2 blocks at full width (1152, 16 heads) on 256 px latents (256 tokens)."""
     c = base_config()
@@ -143,19 +158,12 @@ def time_table(repeats: int, model: str = "demo", batch: int = 32) -> dict:
     x = jnp.asarray(rng.standard_normal((batch, n, n, base.in_channels)), jnp.float32)
     t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
     y = jnp.asarray(rng.integers(0, base.num_classes + 1, batch), jnp.int32)
-    fns = {}
+    calls = {}
     for name, cfg in variants.items():
         graphdef, state = nnx.split(build(cfg, nnx.Rngs(0)))
         fn = jax.jit(ApplyDiT(graphdef))
-        jax.block_until_ready(fn(state, x, t, y))  # compile
-        fns[name] = (fn, state)
-    times = {n: [] for n in fns}
-    for _ in range(repeats):  # alternating, so drifts of a noisy machine hit every variant alike
-        for n, (fn, state) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(state, x, t, y))
-            times[n].append(time.perf_counter() - t0)
-    med = {n: statistics.median(v) for n, v in times.items()}
+        calls[name] = lambda fn=fn, state=state: jax.block_until_ready(fn(state, x, t, y))
+    med = medians(calls, repeats)
     return {"model": model, "batch": batch, "repeats": repeats, "median_s": {n: round(v, 5) for n, v in med.items()},
             "vs_fp32": {n: round(v / med["fp32"], 3) for n, v in med.items()},
             "deployed_vs_fake": round(med["deployed_w8a8"] / med["fake_w8a8"], 3)}
@@ -170,24 +178,17 @@ def step_time(image_size: int, batch: int, repeats: int, quick: bool) -> dict:
     x = jnp.asarray(rng.standard_normal((batch, n, n, model_cfg.in_channels)), jnp.float32)
     t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
     y = jnp.asarray(rng.integers(0, 1001, batch), jnp.int32)
-    fns = {}
+    calls, first = {}, {}
     for variant in ("bf16", "W8A8", "W4A8"):
         graphdef, state = nnx.split(build(variant_config(model_cfg, variant), nnx.Rngs(0)))
         if variant == "bf16":
             state = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, state)
         fn = jax.jit(ApplyDiT(graphdef))
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(state, x, t, y))
-        fns[variant] = (fn, state, time.perf_counter() - t0)
-    times = {v: [] for v in fns}
-    for _ in range(repeats):
-        for v, (fn, state, _) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(state, x, t, y))
-            times[v].append(time.perf_counter() - t0)
-    med = {v: statistics.median(ts) for v, ts in times.items()}
+        calls[variant] = lambda fn=fn, state=state: jax.block_until_ready(fn(state, x, t, y))
+        first[variant] = medians({variant: calls[variant]}, 1, warm=False)[variant]  # compile + one call
+    med = medians(calls, repeats, warm=False)
     return {"image_size": image_size, "batch": batch, "repeats": repeats,
-            "first_call_s": {v: round(f[2], 2) for v, f in fns.items()},
+            "first_call_s": {v: round(f, 2) for v, f in first.items()},
             "median_s": {v: round(m, 6) for v, m in med.items()},
             "speedup_vs_bf16": {v: round(med["bf16"] / m, 3) for v, m in med.items()}}
 
@@ -201,15 +202,7 @@ def gemm_table(repeats: int, m: int = 2048, k: int = 1152, n: int = 1152) -> dic
                                                              preferred_element_type=jnp.int32)), xi, wi),
            "f32": (jax.jit(jnp.dot), xi.astype(jnp.float32), wi.astype(jnp.float32)),
            "bf16": (jax.jit(jnp.dot), xi.astype(jnp.bfloat16), wi.astype(jnp.bfloat16))}
-    times = {v: [] for v in fns}
-    for fn, a, b in fns.values():
-        jax.block_until_ready(fn(a, b))
-    for _ in range(repeats):
-        for v, (fn, a, b) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(a, b))
-            times[v].append(time.perf_counter() - t0)
-    med = {v: statistics.median(ts) for v, ts in times.items()}
+    med = medians({v: lambda f=f, a=a, b=b: jax.block_until_ready(f(a, b)) for v, (f, a, b) in fns.items()}, repeats)
     return {"shape": [m, k, n], "repeats": repeats, "median_s": {v: round(t, 6) for v, t in med.items()},
             "int8_speedup_vs": {v: round(t / med["int8"], 2) for v, t in med.items()}}
 
@@ -232,15 +225,8 @@ def matmul_sweep(ms, repeats: int, layers=None) -> list[dict]:
             fns = {"bf16": (jax.jit(jnp.dot), xi.astype(jnp.bfloat16), wb),
                    "w8a8": (jax.jit(lambda a, b: terdit_kernels.int_matmul(a, b, k=k, w_bits=8)), xi, w8),
                    "w4a8": (jax.jit(lambda a, b: terdit_kernels.int_matmul(a, b, k=k, w_bits=4)), xi, w4)}
-            for fn, a, b in fns.values():
-                jax.block_until_ready(fn(a, b))
-            times = {v: [] for v in fns}
-            for _ in range(repeats):
-                for v, (fn, a, b) in fns.items():
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(fn(a, b))
-                    times[v].append(time.perf_counter() - t0)
-            med = {v: statistics.median(ts) for v, ts in times.items()}
+            med = medians({v: lambda f=f, a=a, b=b: jax.block_until_ready(f(a, b)) for v, (f, a, b) in fns.items()},
+                          repeats)
             rows.append({"layer": name, "K": k, "N": n, "M": m, "ms": {v: round(1e3 * t, 4) for v, t in med.items()},
                          "speedup_vs_bf16": {v: round(med["bf16"] / t, 3) for v, t in med.items() if v != "bf16"}})
     return rows
