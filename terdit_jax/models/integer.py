@@ -102,10 +102,11 @@ class IntDense(nnx.Module):
     def _codes_after(self, x: jax.Array, unpacked: bool) -> jax.Array:
         """The codes, made to wait for the layer input x where XLA would otherwise expand them (unpack, dequantize)
         for every layer at program start, as XLA:CPU does (`models.packed._after_input`): the weight-only path, and
-        int4 codes the XLA matmul unpacks in one piece."""
+        int4 codes the XLA matmul unpacks in one piece (not the GPU's Triton kernel, which never unpacks them)."""
         c = self.codes[...]
         one_piece = terdit_kernels.tile_columns(self.k, self.n) >= self.n
-        if unpacked or (container_bits(self.w_bits) == 4 and one_piece):
+        on_xla = self.backend == "xla" or jax.default_backend() != "gpu"
+        if unpacked or (container_bits(self.w_bits) == 4 and one_piece and on_xla):
             return wait_for(c, x)
         return c
 

@@ -25,8 +25,8 @@ from terdit_jax.quant.sites import quantize
 
 
 class Part(NamedTuple):
-    """One integer term of a quantized tensor: x̂ ⊇ scale·(codes − zero). codes int8 of x's shape; scale (float32)
-    and zero (int32, integer-valued) broadcastable against it."""
+    """One integer term of a quantized tensor (x̂ = Σ over its parts of scale·(codes − zero)): codes int8 of x's
+    shape; scale (float32) and zero (int32) broadcastable against it."""
     codes: jax.Array
     scale: jax.Array
     zero: jax.Array
