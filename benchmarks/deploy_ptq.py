@@ -37,6 +37,7 @@ from terdit_jax.config import base_config, finalize
 from terdit_jax.model_fn import ApplyDiT
 from terdit_jax.models.families import abstract, build
 from terdit_jax.models.integer import IntDense
+from terdit_jax.models.ternary import Dense
 from terdit_jax.ptq.common import uniform_rules, with_sites
 from terdit_jax.ptq.deploy import deployed_config
 
@@ -81,7 +82,7 @@ def _linear_bytes(model, variant: str) -> int:
         if isinstance(m, IntDense):  # its own variables (not its input site's Δ, z)
             own = [getattr(m, a) for a in ("codes", "w_scale", "w_zero", "colsum", "bias") if getattr(m, a) is not None]
             total += sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in own)
-        elif hasattr(m, "kernel") and getattr(m, "weight_site", 0) is None and variant in ("fp32", "bf16"):
+        elif isinstance(m, Dense) and variant in ("fp32", "bf16"):
             size = 2 if variant == "bf16" else 4
             total += size * (m.kernel.size + (0 if m.bias is None else m.bias.size))
     return total

@@ -16,8 +16,8 @@ Rows (float32 everywhere):
   vae      the SD-VAE (sd-vae-ft-ema shapes) decode of 8 latents of 32×32×4 to 256×256 images
 
 Both sides get one set of random weights: the DiT's in the official checkpoint layout, imported into ours by
-convert/dit_official.py's `convert_state` and into diffusers by the key map below; the VAE's drawn in diffusers and
-imported by vae/convert.py. Before anything is timed each row checks that both sides compute the same thing:
+convert/dit_official.py's `convert_state` and into diffusers by its `diffusers_layout`; the VAE's drawn in diffusers
+and imported by vae/convert.py. Before anything is timed each row checks that both sides compute the same thing:
 max |ours − theirs| / max |theirs| ≤ 1e-4 (`agree`, which raises otherwise), on the outputs (dit_cfg, vae), on a
 short sample from the same x_T (ddim; the timed samples are compared afterwards too), on the loss and the
 gradients of one step (train).
@@ -222,33 +222,10 @@ def official_state_dict(m, seed: int = 0) -> dict:
     return sd
 
 
-def diffusers_state_dict(sd: dict, n_layers: int) -> dict:
-    """Official layout → DiTTransformer2DModel keys (dit_xl.md §4): each block holds its own copy of the t and y
-    embedders, qkv splits into to_q/to_k/to_v, pos_embed is a buffer there."""
-    import numpy as np
-    out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"], "pos_embed.proj.bias": sd["x_embedder.proj.bias"]}
-    for v in ("weight", "bias"):
-        out[f"proj_out_1.{v}"] = sd[f"final_layer.adaLN_modulation.1.{v}"]
-        out[f"proj_out_2.{v}"] = sd[f"final_layer.linear.{v}"]
-    for i in range(n_layers):
-        tb, ob = f"transformer_blocks.{i}.", f"blocks.{i}."
-        out[tb + "norm1.emb.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
-        for v in ("weight", "bias"):
-            out[tb + f"norm1.emb.timestep_embedder.linear_1.{v}"] = sd[f"t_embedder.mlp.0.{v}"]
-            out[tb + f"norm1.emb.timestep_embedder.linear_2.{v}"] = sd[f"t_embedder.mlp.2.{v}"]
-            out[tb + f"norm1.linear.{v}"] = sd[ob + f"adaLN_modulation.1.{v}"]
-            for name, part in zip(("to_q", "to_k", "to_v"), np.split(sd[ob + f"attn.qkv.{v}"], 3, axis=0)):
-                out[tb + f"attn1.{name}.{v}"] = part
-            out[tb + f"attn1.to_out.0.{v}"] = sd[ob + f"attn.proj.{v}"]
-            out[tb + f"ff.net.0.proj.{v}"] = sd[ob + f"mlp.fc1.{v}"]
-            out[tb + f"ff.net.2.{v}"] = sd[ob + f"mlp.fc2.{v}"]
-    return out
-
-
 def build_dit(preset: str, p: Preset, a, seed: int = 0):
     """(config, apply, our params, the diffusers model or None) holding one set of random weights, theirs on
     a.dev; a.perturb > 0 moves our copy of blocks.0's qkv weight (the test of a check that can fail)."""
-    from terdit_jax.convert.dit_official import convert_state
+    from terdit_jax.convert.dit_official import convert_state, diffusers_layout
     from terdit_jax.model_fn import abstract_model
 
     config = dit_config(preset, p.latent, p.classes)
@@ -263,7 +240,7 @@ def build_dit(preset: str, p: Preset, a, seed: int = 0):
                                        sample_size=m.input_size, patch_size=m.patch_size, attention_bias=True,
                                        activation_fn="gelu-approximate", num_embeds_ada_norm=m.num_classes,
                                        norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=1e-6).eval()
-        theirs.load_state_dict({k: torch.from_numpy(v) for k, v in diffusers_state_dict(sd, m.n_layers).items()},
+        theirs.load_state_dict({k: torch.from_numpy(v) for k, v in diffusers_layout(sd, m.n_layers).items()},
                                strict=True)
         for block in theirs.transformer_blocks:  # the original's /half timestep frequencies (dit_xl.md §4 item 1)
             block.norm1.emb.time_proj.downscale_freq_shift = 0

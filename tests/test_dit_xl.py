@@ -19,7 +19,7 @@ from terdit_jax.checkpoint import Checkpoints, load_ema
 from terdit_jax.config import ConfigError, base_config, finalize
 from terdit_jax.configs import dit_xl2_256, dit_xl2_512
 from terdit_jax.convert import dit_official as conv
-from terdit_jax.convert.dit_official import ConversionError
+from terdit_jax.convert.dit_official import ConversionError, diffusers_layout
 from terdit_jax.logical_axes import RULES
 from terdit_jax.model_fn import abstract_model, init_model
 from terdit_jax.models import dit_xl
@@ -77,28 +77,6 @@ def original_state_dict(torch, table, *, seed=0, blocks=L):
     return sd
 
 
-def diffusers_state_dict(torch, sd, blocks=L):
-    """The original layout → diffusers DiTTransformer2DModel keys (dit_xl.md §4): every block gets its own copy
-    of the embedders, qkv is split into to_q/to_k/to_v, pos_embed is a buffer and left out."""
-    out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"], "pos_embed.proj.bias": sd["x_embedder.proj.bias"]}
-    for v in ("weight", "bias"):
-        out[f"proj_out_1.{v}"] = sd[f"final_layer.adaLN_modulation.1.{v}"]
-        out[f"proj_out_2.{v}"] = sd[f"final_layer.linear.{v}"]
-    for i in range(blocks):
-        tb, ob = f"transformer_blocks.{i}.", f"blocks.{i}."
-        out[tb + "norm1.emb.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
-        for v in ("weight", "bias"):
-            out[tb + f"norm1.emb.timestep_embedder.linear_1.{v}"] = sd[f"t_embedder.mlp.0.{v}"]
-            out[tb + f"norm1.emb.timestep_embedder.linear_2.{v}"] = sd[f"t_embedder.mlp.2.{v}"]
-            out[tb + f"norm1.linear.{v}"] = sd[ob + f"adaLN_modulation.1.{v}"]
-            for name, part in zip(("to_q", "to_k", "to_v"), sd[ob + f"attn.qkv.{v}"].chunk(3, dim=0)):
-                out[tb + f"attn1.{name}.{v}"] = part
-            out[tb + f"attn1.to_out.0.{v}"] = sd[ob + f"attn.proj.{v}"]
-            out[tb + f"ff.net.0.proj.{v}"] = sd[ob + f"mlp.fc1.{v}"]
-            out[tb + f"ff.net.2.{v}"] = sd[ob + f"mlp.fc2.{v}"]
-    return out
-
-
 def xl2_shapes(tokens: int) -> dict[str, tuple]:
     """Key → shape of DiT-XL-2-{256,512}.pt, from the table of dit_xl.md §3."""
     d = 1152
@@ -143,7 +121,7 @@ def test_converted_random_checkpoint_equals_diffusers_dit(tmp_path):
     result = conv.convert_official(str(tmp_path / "DiT-tiny.pt"), str(tmp_path / "run"), config=tiny_dit())
     assert result["source"]["kind"] == "dit-official" and result["source"]["nested"] is None
 
-    ref_model.load_state_dict(diffusers_state_dict(torch, sd), strict=True)
+    ref_model.load_state_dict(diffusers_layout(sd, L), strict=True)
     for block in ref_model.transformer_blocks:  # /128 as the original instead of diffusers' /127 (§4 item 1)
         block.norm1.emb.time_proj.downscale_freq_shift = 0
     rng = np.random.default_rng(1)

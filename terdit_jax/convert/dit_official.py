@@ -110,6 +110,31 @@ def load_state_dict(path: str) -> tuple[dict[str, np.ndarray], str | None]:
     return {k: v.detach().to(torch.float32).numpy() for k, v in obj.items()}, nested
 
 
+def diffusers_layout(sd: dict, n_layers: int) -> dict:
+    """An official-layout DiT state dict → diffusers' DiTTransformer2DModel keys (dit_xl.md §4), for arrays or torch
+    tensors alike: every block holds its own copy of the t and y embedders, qkv splits into to_q/to_k/to_v, and
+    pos_embed (a buffer there) is left out. The comparisons with diffusers load our weights through it."""
+    out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"], "pos_embed.proj.bias": sd["x_embedder.proj.bias"]}
+    for v in ("weight", "bias"):
+        out[f"proj_out_1.{v}"] = sd[f"final_layer.adaLN_modulation.1.{v}"]
+        out[f"proj_out_2.{v}"] = sd[f"final_layer.linear.{v}"]
+    for i in range(n_layers):
+        tb, ob = f"transformer_blocks.{i}.", f"blocks.{i}."
+        out[tb + "norm1.emb.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
+        for v in ("weight", "bias"):
+            out[tb + f"norm1.emb.timestep_embedder.linear_1.{v}"] = sd[f"t_embedder.mlp.0.{v}"]
+            out[tb + f"norm1.emb.timestep_embedder.linear_2.{v}"] = sd[f"t_embedder.mlp.2.{v}"]
+            out[tb + f"norm1.linear.{v}"] = sd[ob + f"adaLN_modulation.1.{v}"]
+            qkv = sd[ob + f"attn.qkv.{v}"]
+            d = qkv.shape[0] // 3
+            for j, name in enumerate(("to_q", "to_k", "to_v")):
+                out[tb + f"attn1.{name}.{v}"] = qkv[j * d:(j + 1) * d]
+            out[tb + f"attn1.to_out.0.{v}"] = sd[ob + f"attn.proj.{v}"]
+            out[tb + f"ff.net.0.proj.{v}"] = sd[ob + f"mlp.fc1.{v}"]
+            out[tb + f"ff.net.2.{v}"] = sd[ob + f"mlp.fc2.{v}"]
+    return out
+
+
 def describe(shapes: dict[str, tuple], source: str = "the checkpoint") -> dict:
     """What a DiT state dict is, from its shapes alone: dim, n_layers, patch_size, in_channels, out_channels,
     num_classes, tokens, input_size (latent side), image_size (pixels, /8 latent), learn_sigma, and `name`, the
