@@ -130,7 +130,7 @@ def time_sampling(a, backend: str) -> dict:
         apply, params = _packed_sampler(c, act, backend)
         fns[name] = lambda seed, apply=apply, params=params: jax.block_until_ready(sample(
             bind(apply, params), diffusion, shape, jax.random.key(seed), y, sampler=s.sampler,
-            cfg_scale=float(s.cfg_scale), null_class=m.num_classes, guidance_channels=s.cfg_channels))
+            cfg_scale=float(s.cfg_scale), null_y=m.num_classes, guidance_channels=s.cfg_channels))
         t0 = time.perf_counter()
         fns[name](0)
         out[name] = {"first_call_s": round(time.perf_counter() - t0, 3), "times_s": []}

@@ -237,7 +237,7 @@ def draw(apply, params, config, x_T, labels, guidance: float, on_step=None) -> n
         x0 = x_T[lo:lo + s.batch_size]
         # eta = 0: the step noise is multiplied by σ = 0, so the key does not matter; the initial noise is all
         x = sample(bind(apply, params), diffusion, x0.shape, jax.random.key(0), labels[lo:lo + s.batch_size],
-                   sampler="ddim", eta=0.0, cfg_scale=float(guidance), null_class=m.num_classes,
+                   sampler="ddim", eta=0.0, cfg_scale=float(guidance), null_y=m.num_classes,
                    guidance_channels=s.cfg_channels, x_T=jnp.asarray(x0), on_step=on_step)
         out.append(to_uint8(jax.device_get(x)))
     return np.concatenate(out)

@@ -183,7 +183,7 @@ def run_variant(model: str, variant: str, *, tiny: bool, steps: int, cfg_scale: 
     def once(seed):
         from terdit_jax.model_fn import bind
         x = sample(bind(apply, params), diffusion, shape, jax.random.key(seed), y, sampler="ddpm",
-                   cfg_scale=cfg_scale, null_class=cfg.num_classes, guidance_channels=3)
+                   cfg_scale=cfg_scale, null_y=cfg.num_classes, guidance_channels=3)
         return jax.block_until_ready(x)
 
     t0 = time.perf_counter()

@@ -359,7 +359,7 @@ def row_ddim(p: Preset, a) -> dict:
 
     def ours(steps: int):
         out = samplers.sample(model_fn, create_diffusion(f"ddim{steps}"), x_T.shape, jax.random.key(0),
-                              jnp.asarray(y), sampler="ddim", cfg_scale=CFG_SCALE, null_class=m.num_classes,
+                              jnp.asarray(y), sampler="ddim", cfg_scale=CFG_SCALE, null_y=m.num_classes,
                               guidance_channels=None, x_T=jnp.asarray(x_T))
         return np.asarray(jax.block_until_ready(out))
 

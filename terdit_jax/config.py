@@ -11,7 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from terdit_jax.diffusion.gaussian import PREDICTIONS
-from terdit_jax.diffusion.samplers import SAMPLERS
+from terdit_jax.diffusion.samplers import SAMPLERS, respacing
 from terdit_jax.diffusion.schedule import space_timesteps
 from terdit_jax.models.families import FAMILIES
 from terdit_jax.models.bitnet import BITNET_NORMS
@@ -135,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
     s.classes = "89,475,978,971,508,32,963,235"  # comma-separated labels; "all" = every class
     s.per_class = 1
     s.num_steps = 250
-    s.sampler = "ddpm"  # "ddpm" | "ddim"
+    s.sampler = "ddpm"  # "ddpm" | "ddim" | "dpm++" (DPM-Solver++(2M), PixArt's, 20 steps)
     s.cfg_scale = 4.0
     s.cfg_channels = config_dict.placeholder(int)  # 3 = official DiT quirk; None = all ε channels
     s.batch_size = 64
@@ -244,7 +244,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
         _fail("train.grad_accum_steps", f"{t.grad_accum_steps} must be >= 1 and divide train.batch_size={t.batch_size}")
     try:  # the respacing the samplers will build, so a bad step count fails here and not mid-run
-        space_timesteps(c.diffusion.num_timesteps, str(s.num_steps))
+        space_timesteps(c.diffusion.num_timesteps, respacing(s.sampler, s.num_steps))
     except ValueError as e:
         _fail("sample.num_steps", f"{s.num_steps!r} cannot respace {c.diffusion.num_timesteps} steps ({e}); use an "
               f"integer in 1..{c.diffusion.num_timesteps}")

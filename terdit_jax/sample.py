@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from terdit_jax.checkpoint import adopt_architecture, load_ema, model_signature, stored_model
 from terdit_jax.config import finalize, sample_labels
 from terdit_jax.diffusion.gaussian import create_diffusion
-from terdit_jax.diffusion.samplers import sample
+from terdit_jax.diffusion.samplers import respacing, sample
 from terdit_jax.eval.adm_npz import write_adm_batch
 from terdit_jax.export import ExportError, load_packed, read_manifest as read_packed_manifest
 from terdit_jax.labels import to_model_labels
@@ -36,7 +36,7 @@ def generate(apply, params, labels, config, key, *, decode=None, progress: bool 
     [−1, 1] images (the VAE decoder for latent models; None = pixel space).
     """
     m, s = config.model, config.sample
-    diffusion = create_diffusion(str(s.num_steps), config.diffusion.num_timesteps, m.prediction)
+    diffusion = create_diffusion(respacing(s.sampler, s.num_steps), config.diffusion.num_timesteps, m.prediction)
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -50,7 +50,7 @@ def generate(apply, params, labels, config, key, *, decode=None, progress: bool 
         x_T = jax.random.normal(k_init, (n, m.input_size, m.input_size, m.in_channels))
         x = sample(bind(apply, params), diffusion, x_T.shape, k_steps, jax.device_put(y, batch_sharding),
                    x_T=jax.device_put(x_T, batch_sharding), sampler=s.sampler, cfg_scale=float(s.cfg_scale),
-                   null_class=m.num_classes, guidance_channels=s.cfg_channels, progress=progress)
+                   null_y=m.num_classes, guidance_channels=s.cfg_channels, progress=progress)
         if decode is not None:
             x = decode(x)
         out.append(to_uint8(jax.device_get(x))[:len(labels[lo:lo + s.batch_size])])

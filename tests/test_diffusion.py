@@ -379,17 +379,17 @@ def test_step_compiles_once_and_bf16_keeps_dtype():
         return _true_eps_model(0.0, 0.5)(x, t, y)
 
     d = create_diffusion("20")
-    out = sample(model, d, (2, 2, 2, 4), jax.random.key(8), jnp.array([1, 2]), cfg_scale=1.5, null_class=10,
+    out = sample(model, d, (2, 2, 2, 4), jax.random.key(8), jnp.array([1, 2]), cfg_scale=1.5, null_y=10,
                  dtype=jnp.bfloat16)
     assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(out, np.float32)))
     assert len(traces) == 1, f"step traced {len(traces)} times for 20 steps"
-    sample(model, d, (2, 2, 2, 4), jax.random.key(9), jnp.array([3, 4]), cfg_scale=3.0, null_class=10, dtype=jnp.bfloat16)
+    sample(model, d, (2, 2, 2, 4), jax.random.key(9), jnp.array([3, 4]), cfg_scale=3.0, null_y=10, dtype=jnp.bfloat16)
     assert len(traces) == 1, "a new key, labels or cfg scale must not recompile"
 
 
 def test_sample_rejects_bad_arguments():
     d = create_diffusion("5")
-    with pytest.raises(ValueError, match="null_class"):
+    with pytest.raises(ValueError, match="null_y"):
         sample(_label_model, d, (2, 2, 2, 4), jax.random.key(0), jnp.zeros(2), cfg_scale=2.0)
     with pytest.raises(ValueError, match="sampler"):
         sample(_label_model, d, (2, 2, 2, 4), jax.random.key(0), jnp.zeros(2), sampler="euler")

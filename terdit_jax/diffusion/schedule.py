@@ -29,12 +29,24 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
       * an int or list of ints: split [0, T) into that many equal sections (the first T % len sections get one extra
         step) and keep `count` evenly strided steps in each, rounding with Python's round (half to even);
       * a comma string like "250" or "25,25": the same, parsed;
-      * "ddimN": the fixed integer stride S (smallest S >= 1) for which range(0, T, S) has exactly N steps (DDIM paper).
+      * "ddimN": the fixed integer stride S (smallest S >= 1) for which range(0, T, S) has exactly N steps (DDIM paper);
+      * "linspaceN": diffusers' `timestep_spacing="linspace"` (PixArt's DPM-Solver++): linspace(0, T−1, N+1) rounded,
+        the 0 left out (the last step goes from the smallest kept step to the clean sample).
 
     Returns: the set of kept original timesteps (sort it for the respaced order).
     """
     if isinstance(section_counts, str):
         text = section_counts.strip()
+        if text.startswith("linspace"):
+            try:
+                want = int(text[len("linspace"):])
+            except ValueError:
+                raise ValueError(f"bad respacing {section_counts!r}: expected 'linspaceN' with an integer N, e.g. "
+                                 f"'linspace20'") from None
+            kept = set(np.linspace(0, num_timesteps - 1, want + 1).round().astype(int)[1:].tolist())
+            if want < 1 or len(kept) != want:
+                raise ValueError(f"cannot take {want} distinct linspace steps out of {num_timesteps}")
+            return kept
         if text.startswith("ddim"):
             try:
                 want = int(text[len("ddim"):])
@@ -49,7 +61,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
             counts = [int(c) for c in text.split(",")]
         except ValueError:
             raise ValueError(f"bad respacing {section_counts!r}: expected comma-separated integers like '250' or "
-                             f"'10,15,20', or 'ddimN'")
+                             f"'10,15,20', 'ddimN' or 'linspaceN'")
     elif isinstance(section_counts, (int, np.integer)):
         counts = [int(section_counts)]
     else:

@@ -26,7 +26,7 @@ import numpy as np
 
 from terdit_jax.checkpoint import model_signature
 from terdit_jax.diffusion.gaussian import create_diffusion
-from terdit_jax.diffusion.samplers import sample
+from terdit_jax.diffusion.samplers import respacing, sample
 from terdit_jax.model_fn import bind
 
 CLASS_MODES = ("uniform", "official")
@@ -125,7 +125,7 @@ def record_trajectories(apply, params, config, fp: dict, *, log=print) -> CalibS
     rng = np.random.default_rng(q.calib_seed)
     classes = group_classes(q.calib_latents // 2, m.num_classes, q.calib_classes, rng)
     labels = np.repeat(classes, 2).astype(np.int32)  # latents 2g and 2g+1 share group g's class
-    diffusion = create_diffusion(str(s.num_steps), config.diffusion.num_timesteps, m.prediction)
+    diffusion = create_diffusion(respacing(s.sampler, s.num_steps), config.diffusion.num_timesteps, m.prediction)
     keep = set(selected_steps(diffusion.num_timesteps, q.calib_steps))
     kept: list[tuple[int, np.ndarray]] = []
 
@@ -137,7 +137,7 @@ def record_trajectories(apply, params, config, fp: dict, *, log=print) -> CalibS
     log(f"calibration: sampling {len(labels)} latents ({s.sampler}, {s.num_steps} steps, cfg {q.calib_cfg_scale}) "
         f"and keeping {len(keep)} steps ...")
     final = sample(bind(apply, params), diffusion, shape, jax.random.key(q.calib_seed), labels, sampler=s.sampler,
-                   cfg_scale=float(q.calib_cfg_scale), null_class=m.num_classes, guidance_channels=s.cfg_channels,
+                   cfg_scale=float(q.calib_cfg_scale), null_y=m.num_classes, guidance_channels=s.cfg_channels,
                    progress=True, on_step=on_step)
     final = np.asarray(jax.device_get(final), np.float32)
     tmap = np.asarray(diffusion.timestep_map)

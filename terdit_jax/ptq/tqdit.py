@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from terdit_jax import trees
 from terdit_jax.diffusion.gaussian import create_diffusion
+from terdit_jax.diffusion.samplers import respacing
 from terdit_jax.ptq import common as ptq
 from terdit_jax.ptq.common import QuantizeError
 from terdit_jax.quant.quantizers import (QuantState, TwoRegionGELU, TwoRegionSoftmax, UniformQuantizer, fake_quant,
@@ -518,7 +519,8 @@ def quantize(job) -> dict:
     q_cfg = ptq.with_sites(fp_cfg, rules)
     model = ptq.host_model(q_cfg, job.fp_values)
     groups = int(q.time_groups) if q.tgq else 1
-    d = create_diffusion(str(config.sample.num_steps), config.diffusion.num_timesteps, fp_cfg.prediction)
+    d = create_diffusion(respacing(config.sample.sampler, config.sample.num_steps), config.diffusion.num_timesteps,
+                         fp_cfg.prediction)
     table = group_table(d.num_timesteps, groups, config.diffusion.num_timesteps, d.timestep_map)
     for site in sites_of(model).values():
         if getattr(site, "time_groups", 1) > 1:
