@@ -28,16 +28,30 @@ def module_path(key: str) -> tuple:
     return (*top, leaf)
 
 
+# Not parameters of the model: the original's learned unconditional caption (120, 4096) that its training swaps in
+# for dropped captions (kept as a buffer by older diffusers); sampling's CFG uses the encoded empty prompt instead.
+IGNORED = ("caption_projection.y_embedding",)
+
+
+def to_param(key: str, value) -> np.ndarray:
+    """A diffusers tensor → our variable's value: Linear (out, in) → (in, out); the patch Conv2d (D, C, p, p) →
+    (C·p·p, D) on patchify's (c, py, px) features."""
+    v = np.asarray(value, np.float32)
+    if key == "pos_embed.proj.weight":
+        return np.ascontiguousarray(v.reshape(v.shape[0], -1).T)
+    if key.endswith(".weight") and v.ndim == 2:
+        return np.ascontiguousarray(v.T)
+    return v
+
+
 def load_diffusers(model: nnx.Module, state_dict: dict) -> None:
     """Write every tensor of `state_dict` (name → array) into `model` in place; a key the model lacks or a shape
     that differs is a ValueError naming it."""
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for key, value in state_dict.items():
-        v = np.asarray(value, np.float32)
-        if key == "pos_embed.proj.weight":  # Conv2d (D, C, p, p) → (C·p·p, D)
-            v = v.reshape(v.shape[0], -1).T
-        elif key.endswith(".weight") and v.ndim == 2:
-            v = v.T
+        if key in IGNORED:
+            continue
+        v = to_param(key, value)
         path = module_path(key)
         if path not in params:
             raise ValueError(f"{key}: no parameter {'.'.join(map(str, path))} in this PixArt model")
