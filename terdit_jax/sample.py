@@ -162,13 +162,19 @@ def caption_conditions(config, model_labels, log=print) -> Conditions:
                       {"prompts": np.asarray(caps.prompts, dtype=str)})
 
 
-# model family's `conditioning` → (config, to_model_labels, log) → Conditions
-CONDITIONS: Registry[Callable] = Registry("conditioning", {"class": class_conditions, "caption": caption_conditions})
+# what a family is conditioned on (`condition_kind`) → (config, to_model_labels, log) → Conditions
+CONDITIONS: Registry[Callable] = Registry("condition kind", {"label": class_conditions, "caption": caption_conditions})
+
+
+def condition_kind(model_cfg) -> str:
+    """'caption' for a family that reads caption tokens (its registry entry does not list model.caption_channels
+    among the fields it ignores), else 'label'."""
+    return "label" if "caption_channels" in family_of(model_cfg).unused_fields else "caption"
 
 
 def sample_conditions(config, model_labels=lambda labels: labels, log=print) -> Conditions:
     """What `--mode sample` draws for the config's model family."""
-    return CONDITIONS.get(family_of(config.model).conditioning)(config, model_labels, log)
+    return CONDITIONS.get(condition_kind(config.model))(config, model_labels, log)
 
 
 def latent_decoder(config):
@@ -343,7 +349,7 @@ def run_encode_prompts_mode(config, workdir: str, out: str | None = None, *, ove
 
     if not config.sample.prompts:
         raise ConfigError("config.sample.prompts: --mode encode_prompts needs a prompt file (one prompt per line)")
-    if family_of(config.model).conditioning != "caption":
+    if condition_kind(config.model) != "caption":
         raise ConfigError(f"config.model.family={config.model.family!r} is class-conditional; encode prompts for a "
                           "text family (e.g. --config=configs/pixart_alpha_512.py)")
     path = out or os.path.join(workdir, "captions",

@@ -105,9 +105,22 @@ def test_tokenizer_equals_t5_tokenizer_fast_with_truncation_and_eos(tmp_path):
     assert truncated == [i for i, n in enumerate(full) if n > N] and 1 in truncated and 2 not in truncated
 
 
-def test_tokenizer_folder_without_tokenizer_json_says_what_to_do(tmp_path):
-    (tmp_path / "spiece.model").write_bytes(b"\n")
-    with pytest.raises(TokenizerError, match="save_pretrained"):
+def test_sentencepiece_model_folder_equals_t5_tokenizer_fast(tmp_path):
+    """PixArt's released tokenizer/ holds only spiece.model: read with sentencepiece, as transformers converts it."""
+    spm = pytest.importorskip("sentencepiece")
+    from transformers import T5TokenizerFast
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 5), model_prefix=str(tmp_path / "spiece"),
+                                   vocab_size=40, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
+                                   minloglevel=2)
+    prompts = [*PROMPTS, " café  ½ x ", "a\tb\nc"]
+    want = T5TokenizerFast.from_pretrained(str(tmp_path), extra_ids=0)(prompts, padding="max_length", max_length=N,
+                                                                       truncation=True)
+    ids, mask, truncated = T5Tokenizer(str(tmp_path), N)(prompts)
+    np.testing.assert_array_equal(ids, want["input_ids"])
+    np.testing.assert_array_equal(mask, want["attention_mask"])
+    assert 1 in truncated and 2 not in truncated
+    os.remove(tmp_path / "spiece.model")
+    with pytest.raises(TokenizerError, match="neither tokenizer.json nor spiece.model"):
         T5Tokenizer(str(tmp_path), N)
 
 
@@ -264,8 +277,9 @@ def test_sample_mode_from_a_prompt_file_and_from_prompt_embeds(sample_workdir, p
     embeds = tmp_path / "captions.npz"
     captions.write(str(embeds), encode_prompts(PROMPTS[:2], text_cfg(root), N, log=lambda *_: None))
     os.remove(npz)
-    r = cli(*tiny_flags(sample_workdir), "--mode", "sample", f"--config.sample.prompt_embeds={embeds}")
-    assert r.returncode == 0, r.stderr
+    from terdit_jax.sample import run_sample_mode
+    config = tiny_config(prompt_embeds=str(embeds), per_class=2)
+    assert run_sample_mode(config, str(sample_workdir), log=lambda *_: None)["npz"] == npz
     with np.load(npz) as z:
         np.testing.assert_array_equal(z["arr_0"], images)
     # a wrong-width embeddings file: one error line, exit 2
@@ -299,6 +313,15 @@ def test_bad_prompt_input_raises_errors_that_main_reports(sample_workdir, pipeli
         cfg.text.update(text)
         with pytest.raises(reported, match=message):
             run_sample_mode(cfg, str(sample_workdir), **quiet)
+    # --mode encode_prompts writes what sampling reads, and never replaces a file unasked
+    from terdit_jax.sample import run_encode_prompts_mode
+    cfg = tiny_config(prompts=str(tmp_path / "p.txt"))
+    cfg.text.update(text_cfg(root))
+    out = run_encode_prompts_mode(cfg, str(tmp_path / "w"), **quiet)
+    assert out == str(tmp_path / "w" / "captions" / "p.npz")
+    np.testing.assert_array_equal(captions.read(out).caption, encode_prompts(["a cat"], text_cfg(root), N, **quiet).caption)
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_encode_prompts_mode(cfg, str(tmp_path / "w"), **quiet)
     c = base_config()  # a class-label family given prompts
     c.model.update(name="custom", dim=32, n_layers=1, n_heads=2, num_classes=10)
     c.data.update(latent=False, image_size=8)

@@ -28,7 +28,6 @@ class Family:
     fixed_params: parameters that are not trained but count in the published size (a fixed position table).
     importer: the module whose `python -m` imports the officially released weights.
     check: returns an error message for a config this family cannot build, or None.
-    conditioning: what y is, a key of `sample.CONDITIONS`: "class" (int labels) or "caption" (T5 tokens, mask).
     """
     module: type
     presets: dict[str, dict]
@@ -37,7 +36,6 @@ class Family:
     fixed_params: Callable[[object], int] = lambda cfg: 0
     importer: str = ""
     check: Callable[[object], str | None] = lambda cfg: None
-    conditioning: str = "class"
 
 
 def _large_dit_check(cfg) -> str | None:
@@ -70,8 +68,7 @@ FAMILIES: Registry[Family] = Registry("model family", {
         cond_dim=lambda d: 7 * d,  # [embedded t | the shared adaLN-single output]
         unused_fields=pixart.UNUSED_FIELDS,
         fixed_params=lambda cfg: (int(cfg.input_size) // int(cfg.patch_size)) ** 2 * int(cfg.dim),
-        check=pixart.check,
-        conditioning="caption"),
+        check=pixart.check),
 })
 
 

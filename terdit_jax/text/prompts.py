@@ -15,7 +15,7 @@ import numpy as np
 
 from terdit_jax.text import captions as captions_lib
 from terdit_jax.text.t5 import T5Config, encode, from_hf
-from terdit_jax.text.tokenizer import T5Tokenizer
+from terdit_jax.text.tokenizer import BACKENDS, T5Tokenizer
 
 
 class PromptError(ValueError):
@@ -96,13 +96,14 @@ def load_t5(folder: str) -> tuple[dict, T5Config]:
 
 
 def tokenizer_folder(text_cfg) -> str:
-    """`text.tokenizer_path`, or where a released pipeline keeps it: the encoder folder if it holds tokenizer.json,
-    else its sibling `tokenizer/` (diffusers' layout: text_encoder/ beside tokenizer/)."""
+    """`text.tokenizer_path`, or where a released pipeline keeps it: the encoder folder if it holds a tokenizer
+    (tokenizer.json or spiece.model), else its sibling `tokenizer/` (diffusers' layout: text_encoder/ beside
+    tokenizer/)."""
     if text_cfg.tokenizer_path:
         return text_cfg.tokenizer_path
     enc = os.path.normpath(text_cfg.encoder_path)
-    return enc if os.path.isfile(os.path.join(enc, "tokenizer.json")) else os.path.join(os.path.dirname(enc),
-                                                                                           "tokenizer")
+    held = any(os.path.isfile(os.path.join(enc, name)) for name, _, _ in BACKENDS)
+    return enc if held else os.path.join(os.path.dirname(enc), "tokenizer")
 
 
 def encode_prompts(prompts: list[str], text_cfg, caption_len: int, *, log=print) -> captions_lib.Captions:

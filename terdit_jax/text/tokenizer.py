@@ -1,11 +1,11 @@
 """The T5 tokenizer as PixArt's pipeline calls it: SentencePiece-Unigram ids with the end-of-sequence token,
 truncated to the model's caption length and padded to exactly that length, with a mask.
 
-It reads the released `tokenizer.json` (the Hugging Face `tokenizers` format, e.g. google/t5-v1_1-xxl's or any
-folder `T5TokenizerFast.save_pretrained` wrote) with the `tokenizers` library (the `text` extra), and the pad token
-from `tokenizer_config.json` / `special_tokens_map.json` beside it ("<pad>" otherwise). Equal to transformers'
-`T5TokenizerFast(prompts, padding="max_length", max_length=L, truncation=True)`, ids and mask
-(tests/test_pixart_sample.py).
+A tokenizer folder holds `tokenizer.json` (the Hugging Face `tokenizers` format, what `T5TokenizerFast.save_pretrained`
+writes), read with `tokenizers` (pad token from `tokenizer_config.json` / `special_tokens_map.json`, "<pad>"
+otherwise), or only the SentencePiece `spiece.model` (as PixArt's released `tokenizer/` folders), read with
+`sentencepiece`; both libraries are in the `text` extra. Either way the ids and mask equal transformers'
+`T5TokenizerFast(prompts, padding="max_length", max_length=L, truncation=True)` (tests/test_pixart_sample.py).
 """
 from __future__ import annotations
 
@@ -31,38 +31,70 @@ def _special(folder: str, name: str, default: str) -> str:
     return default
 
 
+def _hf_tokenizer(path: str, folder: str, max_length: int):
+    """tokenizer.json through `tokenizers` → encode(prompts) → [(ids, mask, truncated)]."""
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise TokenizerError(f"cannot read the tokenizer {path}: {e}") from None
+    pad = _special(folder, "pad_token", "<pad>")
+    if tok.token_to_id(pad) is None:
+        raise TokenizerError(f"the tokenizer {path} has no pad token {pad!r}")
+    # what transformers sets before each call with padding="max_length", truncation=True: the first L − 1 tokens
+    # and the end-of-sequence token its post-processor appends, padded on the right
+    tok.enable_truncation(max_length=max_length)
+    tok.enable_padding(length=max_length, pad_id=tok.token_to_id(pad), pad_token=pad)
+    return lambda prompts: [(e.ids, e.attention_mask, bool(e.overflowing)) for e in tok.encode_batch(prompts)]
+
+
+def _sentencepiece(path: str, folder: str, max_length: int):
+    """spiece.model through `sentencepiece`, with T5's end-of-sequence token appended after truncation to L − 1
+    pieces. Literal special-token text in a prompt ("</s>") stays text here (transformers splits it out)."""
+    import sentencepiece
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+        raise TokenizerError(f"cannot read the SentencePiece model {path}: {e}") from None
+    eos, pad = sp.eos_id(), sp.pad_id()
+    if eos < 0 or pad < 0:
+        raise TokenizerError(f"the SentencePiece model {path} has no end-of-sequence or pad piece (T5's has both)")
+
+    def encode(prompts):
+        out = []
+        for ids in sp.encode(list(prompts)):
+            kept = ids[:max_length - 1] + [eos]
+            out.append((kept + [pad] * (max_length - len(kept)), [1] * len(kept) + [0] * (max_length - len(kept)),
+                        len(ids) > max_length - 1))
+        return out
+    return encode
+
+
+# tried in order: the first file the tokenizer folder holds → (its library, the reader)
+BACKENDS = (("tokenizer.json", "tokenizers", _hf_tokenizer), ("spiece.model", "sentencepiece", _sentencepiece))
+
+
 class T5Tokenizer:
     """prompts → (ids (P, L) int32, mask (P, L) int32, truncated: indices of the prompts cut to L tokens)."""
 
     def __init__(self, folder: str, max_length: int):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise TokenizerError("the T5 tokenizer needs the `tokenizers` package: pip install -e '.[text]'") from None
-        path = os.path.join(folder, "tokenizer.json")
-        if not os.path.isfile(path):
-            hint = (" (it holds only the SentencePiece spiece.model: write tokenizer.json beside it once, with "
-                    "transformers: python -c \"from transformers import T5TokenizerFast as T; "
-                    f"T.from_pretrained('{folder}').save_pretrained('{folder}')\")"
-                    if os.path.isfile(os.path.join(folder, "spiece.model")) else "")
-            raise TokenizerError(f"no tokenizer.json in the tokenizer folder {folder!r}{hint}; pass the folder of a "
-                                 "T5 tokenizer as --config.text.tokenizer_path")
-        try:
-            self.tokenizer = Tokenizer.from_file(path)
-        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-            raise TokenizerError(f"cannot read the tokenizer {path}: {e}") from None
-        pad = _special(folder, "pad_token", "<pad>")
-        pad_id = self.tokenizer.token_to_id(pad)
-        if pad_id is None:
-            raise TokenizerError(f"the tokenizer {path} has no pad token {pad!r}")
+        import importlib.util
+        if max_length < 2:
+            raise TokenizerError(f"a caption length of {max_length} leaves no room for a token and T5's </s>")
         self.max_length = int(max_length)
-        # what transformers sets before each call with padding="max_length", truncation=True: keep the first L − 1
-        # tokens and the end-of-sequence token the post-processor appends, pad on the right
-        self.tokenizer.enable_truncation(max_length=self.max_length)
-        self.tokenizer.enable_padding(length=self.max_length, pad_id=pad_id, pad_token=pad)
+        for name, library, reader in BACKENDS:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                if importlib.util.find_spec(library) is None:
+                    raise TokenizerError(f"reading {path} needs the `{library}` package: pip install -e '.[text]'")
+                self._encode = reader(path, folder, self.max_length)
+                return
+        raise TokenizerError(f"the tokenizer folder {folder!r} holds neither tokenizer.json nor spiece.model: pass "
+                             "the folder of a T5 tokenizer (e.g. PixArt-XL-2-512x512/tokenizer) as "
+                             "--config.text.tokenizer_path")
 
     def __call__(self, prompts) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        encodings = self.tokenizer.encode_batch(list(prompts))
-        ids = np.asarray([e.ids for e in encodings], np.int32).reshape(len(encodings), self.max_length)
-        mask = np.asarray([e.attention_mask for e in encodings], np.int32).reshape(ids.shape)
-        return ids, mask, [i for i, e in enumerate(encodings) if e.overflowing]
+        rows = self._encode(list(prompts))
+        ids = np.asarray([r[0] for r in rows], np.int32).reshape(len(rows), self.max_length)
+        mask = np.asarray([r[1] for r in rows], np.int32).reshape(ids.shape)
+        return ids, mask, [i for i, r in enumerate(rows) if r[2]]
