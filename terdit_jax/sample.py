@@ -96,7 +96,8 @@ def save_grid(path: str, images: np.ndarray, labels, *, names: dict | None = Non
     per_row = max(int(np.sum(labels == k)) for k in rows)
     n, h, w, c = images.shape
     scale = scale or max(1, 64 // h)
-    cell_h, cell_w, margin = h * scale, w * scale, 12 + 7 * max(len(v) for v in text.values())
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cell_h, cell_w, margin = h * scale, w * scale, 12 + int(max(measure.textlength(v) for v in text.values()))
     grid = Image.new("RGB", (margin + per_row * (cell_w + 2), len(rows) * (cell_h + 2)), "white")
     draw = ImageDraw.Draw(grid)
     for r, k in enumerate(rows):
