@@ -74,7 +74,7 @@ def tiny_config(**sample):
     c.model.update(name="custom", dim=D, n_layers=L, n_heads=H, patch_size=2, caption_channels=CC,
                    caption_len=N, dtype="float32", in_channels=3, linear="fp")
     c.data.update(latent=False, image_size=LATENT)
-    c.sample.update(sampler="dpm++", num_steps=2, cfg_scale=4.5, cfg_channels=None, batch_size=4, **sample)
+    c.sample.update({"num_steps": 2, "batch_size": 4, **sample})  # the config's PixArt sampler, cfg 4.5, all ε
     return finalize(c)
 
 
@@ -257,15 +257,16 @@ def sample_workdir(tmp_path_factory):
 
 
 def test_sample_mode_from_a_prompt_file_and_from_prompt_embeds(sample_workdir, pipeline_dir, tmp_path):
+    from terdit_jax.sample import run_sample_mode
     root, _ = pipeline_dir
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n", encoding="utf-8")
-    r = cli(*tiny_flags(sample_workdir), "--mode", "sample", f"--config.sample.prompts={prompts}",
-            f"--config.text.encoder_path={root / 'text_encoder'}")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("note:") == 1 and "truncated" in r.stdout
-    npz = os.path.join(sample_workdir, "samples", "sample_0000000_dpm++2_cfg4.5.npz")
-    assert npz in r.stdout
+    config = tiny_config(prompts=str(prompts), per_class=2)
+    config.text.encoder_path = str(root / "text_encoder")
+    lines = []
+    npz = run_sample_mode(config, str(sample_workdir), log=lines.append)["npz"]
+    assert sum(line.startswith("note:") for line in lines) == 1 and "truncated" in " ".join(lines)
+    assert npz == os.path.join(sample_workdir, "samples", "sample_0000000_dpm++2_cfg4.5.npz")
     with np.load(npz) as z:
         images = z["arr_0"]
         assert images.shape == (4, LATENT, LATENT, 3) and images.dtype == np.uint8
@@ -276,12 +277,11 @@ def test_sample_mode_from_a_prompt_file_and_from_prompt_embeds(sample_workdir, p
     embeds = tmp_path / "captions.npz"
     captions.write(str(embeds), encode_prompts(PROMPTS[:2], text_cfg(root), N, log=lambda *_: None))
     os.remove(npz)
-    from terdit_jax.sample import run_sample_mode
-    config = tiny_config(prompt_embeds=str(embeds), per_class=2)
-    assert run_sample_mode(config, str(sample_workdir), log=lambda *_: None)["npz"] == npz
+    assert run_sample_mode(tiny_config(prompt_embeds=str(embeds), per_class=2), str(sample_workdir),
+                           log=lambda *_: None)["npz"] == npz
     with np.load(npz) as z:
         np.testing.assert_array_equal(z["arr_0"], images)
-    # a wrong-width embeddings file: one error line, exit 2
+    # through the command line, a wrong-width embeddings file: one error line, exit 2
     wrong = captions.read(str(embeds))
     captions.write(str(embeds), captions.make(wrong.prompts, wrong.caption[..., :-1], wrong.mask,
                                               wrong.null_caption[:, :-1], wrong.null_mask))
@@ -331,3 +331,51 @@ def test_bad_prompt_input_raises_errors_that_main_reports(sample_workdir, pipeli
         sample_conditions(finalize(c))
     with pytest.raises(ConfigError, match="set one of them"):
         tiny_config(prompts="a.txt", prompt_embeds="b.npz")
+
+
+def test_prompts_to_latents_equal_diffusers_pixart_alpha_pipeline(pipeline_dir, tmp_path):
+    """The whole chain (prompt file → tokenizer → T5 → captions, the empty prompt for CFG 4.5, DPM-Solver++(2M),
+    prepared caption K/V) against diffusers' PixArtAlphaPipeline with the same tiny random transformer and T5."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5TokenizerFast
+    from terdit_jax.convert.pixart_diffusers import load_diffusers
+    from terdit_jax.diffusion.schedule import linear_betas
+    from terdit_jax.sample import generate, sample_conditions
+    root, t5 = pipeline_dir
+    size = 8
+    torch.manual_seed(0)
+    ref = PixArtTransformer2DModel(sample_size=size, patch_size=2, in_channels=4, out_channels=8, num_layers=L,
+                                   num_attention_heads=H, attention_head_dim=D // H, cross_attention_dim=D,
+                                   caption_channels=CC, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                   norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate",
+                                   use_additional_conditions=False).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, trained_betas=linear_betas(1000),
+                                            solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero")
+    pipe = PixArtAlphaPipeline(tokenizer=T5TokenizerFast.from_pretrained(str(root / "tokenizer")), text_encoder=t5,
+                               vae=None, transformer=ref, scheduler=scheduler)
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS[:2]), encoding="utf-8")
+    config = tiny_config(prompts=str(tmp_path / "p.txt"), num_steps=3)
+    config.model.in_channels, config.data.image_size = 4, size
+    config = finalize(config)
+    config.text.update(text_cfg(root))
+    apply, _ = init_model(config.model, 0)
+    model = nnx.merge(apply.graphdef, init_model(config.model, 0)[1])
+    load_diffusers(model, {k: v.numpy() for k, v in ref.state_dict().items()})
+    params = nnx.state(model, nnx.Param)
+    conds = sample_conditions(config, log=lambda *_: None)
+    key = jax.random.key(0)
+    x_T = jax.random.normal(jax.random.split(jax.random.fold_in(key, 0))[0], (2, size, size, 4))  # generate's noise
+    got = []
+    generate(apply, params, conds.y, config, key, null_y=conds.null_y, decode=lambda x: got.append(x) or x)
+    with torch.no_grad():
+        want = pipe(prompt=PROMPTS[:2], num_inference_steps=3, guidance_scale=4.5, height=8 * size, width=8 * size,
+                    latents=torch.from_numpy(np.array(x_T)).permute(0, 3, 1, 2), output_type="latent",
+                    clean_caption=False, use_resolution_binning=False, max_sequence_length=N).images
+    want = want.permute(0, 2, 3, 1).numpy()
+    err = np.abs(np.asarray(got[0]) - want).max() / np.abs(want).max()
+    print("pipeline rel err", err)
+    assert err <= 1e-4, err
