@@ -154,7 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
     # only, never downloaded.
     c.text = x = ml_collections.ConfigDict()
     x.encoder_path = ""  # config.json + *.safetensors of a transformers T5EncoderModel
-    x.tokenizer_path = ""  # folder with tokenizer.json; "" = the encoder folder if it has one, else its sibling tokenizer/
+    x.tokenizer_path = ""  # tokenizer.json or spiece.model folder; "" = the encoder's if it has one, else ../tokenizer
     x.batch_size = 8  # prompts per encoder call
 
     # Post-training quantization (--mode quantize): a full-precision model → <workdir>/quantized/<method>_w<W>a<A>.

@@ -17,7 +17,6 @@ from terdit_jax.config import ConfigError, base_config, finalize
 from terdit_jax.configs import pixart_alpha_512
 from terdit_jax.diffusion.samplers import cfg_model_fn
 from terdit_jax.model_fn import bind, init_model
-from terdit_jax.models.families import build
 from terdit_jax.models.pixart import Caption
 from terdit_jax.text import captions
 from terdit_jax.text.prompts import PromptError, encode_prompts, preprocess, read_prompts

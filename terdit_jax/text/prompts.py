@@ -73,9 +73,10 @@ def load_t5(folder: str) -> tuple[dict, T5Config]:
     """The T5 v1.1 encoder of a Hugging Face folder (config.json + *.safetensors, sharded or not) → (params of
     `t5.encode`, its T5Config)."""
     if not folder or not os.path.isdir(folder):
-        raise FileNotFoundError(f"no text-encoder folder {folder!r}: download the T5 encoder once (e.g. `huggingface-cli "
-                                "download PixArt-alpha/PixArt-XL-2-512x512 --include 'text_encoder/*' 'tokenizer/*' "
-                                "--local-dir pixart/`) and pass --config.text.encoder_path=pixart/text_encoder")
+        raise FileNotFoundError(f"no text-encoder folder {folder!r}: download the T5 encoder once (e.g. "
+                                "`huggingface-cli download PixArt-alpha/PixArt-XL-2-512x512 --include "
+                                "'text_encoder/*' 'tokenizer/*' --local-dir pixart/`) and pass "
+                                "--config.text.encoder_path=pixart/text_encoder")
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not os.path.isfile(os.path.join(folder, "config.json")) or not files:
         raise PromptError(f"the text-encoder folder {folder!r} needs config.json and *.safetensors weights (a "
@@ -114,8 +115,9 @@ def encode_prompts(prompts: list[str], text_cfg, caption_len: int, *, log=print)
     ids, mask, truncated = tokenizer([preprocess(p) for p in [*prompts, ""]])
     truncated = [i for i in truncated if i < len(prompts)]
     if truncated:
-        log(f"note: {len(truncated)} prompt(s) exceed the {caption_len}-token limit and were truncated: "
-            + "; ".join(f"#{i + 1} {prompts[i][:40]!r}" for i in truncated[:5]) + (" ..." if len(truncated) > 5 else ""))
+        named = "; ".join(f"#{i + 1} {prompts[i][:40]!r}" for i in truncated[:5])
+        log(f"note: {len(truncated)} prompt(s) exceed the {caption_len}-token limit and were truncated: {named}"
+            + (" ..." if len(truncated) > 5 else ""))
     run = jax.jit(lambda p, i, m: encode(p, cfg, i, m))
     b = max(1, int(text_cfg.batch_size))
     out = []
