@@ -378,3 +378,15 @@ def test_prompts_to_latents_equal_diffusers_pixart_alpha_pipeline(pipeline_dir, 
     err = np.abs(np.asarray(got[0]) - want).max() / np.abs(want).max()
     print("pipeline rel err", err)
     assert err <= 1e-4, err
+
+
+def test_caption_cache_benchmark_counts_what_the_cache_skips():
+    """benchmarks/pixart_caption_cache.py: the FLOPs and parameter bytes it reports for a tiny config, against
+    closed forms (caption projection Cc·D + D², each block's to_k/to_v 2·D², biases included for the bytes)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import pixart_caption_cache as bench
+    out = bench.count(tiny_config().model, batch=1)
+    skipped = 2 * 2 * N * (CC * D + D * D + L * 2 * D * D)  # CFG doubles the batch; 2 FLOPs per multiply-add
+    assert round((out["step_matmul_gflop_raw"] - out["step_matmul_gflop_prepared"]) * 1e9) == skipped
+    cached = 4 * (CC * D + D + D * D + D + L * 2 * (D * D + D))
+    assert out["param_bytes_raw"] * (1 - out["param_bytes_prepared_over_raw"]) == pytest.approx(cached)
