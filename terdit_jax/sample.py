@@ -157,6 +157,8 @@ def caption_conditions(config, model_labels, log=print) -> Conditions:
         raise ConfigError(f"config.sample: model.family={m.family!r} samples from text: pass "
                           "--config.sample.prompts=FILE (one prompt per line; with --config.text.encoder_path=the T5 "
                           "folder) or --config.sample.prompt_embeds=FILE.npz (--mode encode_prompts writes one)")
+    if not len(caps):
+        raise captions_lib.CaptionError(f"{s.prompt_embeds} holds no prompts: encode at least one")
     index = np.repeat(np.arange(len(caps)), s.per_class)
     return Conditions(caps.condition(index), caps.null(), index,
                       {i: f"{i}: {short(p)}" for i, p in enumerate(caps.prompts)},
