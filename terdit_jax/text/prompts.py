@@ -54,7 +54,11 @@ class _Shards(dict):
     importer asks for a tensor; the tied `encoder.embed_tokens` copy is never read)."""
 
     def __init__(self, files: list[str]):
-        from safetensors import safe_open
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise PromptError("reading the T5 weights needs the `safetensors` package: pip install -e '.[text]'") \
+                from None
         super().__init__()
         self._where = {}
         for file in files:
