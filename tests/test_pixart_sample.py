@@ -390,3 +390,21 @@ def test_caption_cache_benchmark_counts_what_the_cache_skips():
     assert round((out["step_matmul_gflop_raw"] - out["step_matmul_gflop_prepared"]) * 1e9) == skipped
     cached = 4 * (CC * D + D + D * D + D + L * 2 * (D * D + D))
     assert out["param_bytes_raw"] * (1 - out["param_bytes_prepared_over_raw"]) == pytest.approx(cached)
+
+
+def test_a_block_takes_a_plain_caption_pair_or_a_prepared_one():
+    """Block-wise code (PTQ calibration) hands a block Context(t, None, (tokens, mask)); a sampler's prepared
+    caption reaches it through block_context: the block's output is the same."""
+    from terdit_jax.models.backbone import Context
+    cfg = tiny_config()
+    apply, params = init_model(cfg.model, 0)
+    model = nnx.merge(apply.graphdef, randomised(params))
+    rng = np.random.default_rng(4)
+    tokens, c = rng.standard_normal((2, 4, D)).astype(np.float32), rng.standard_normal((2, 7 * D)).astype(np.float32)
+    t, y = np.array([1, 2]), _caption(rng)
+    plain = model.transformer_blocks[1](tokens, c, Context(t, None, tuple(model.caption(y, t))))
+    ctx = model.block_context(model.attach(Context(t, None), model.prepare(y)), 1)
+    np.testing.assert_allclose(np.asarray(model.transformer_blocks[1](tokens, c, ctx)), np.asarray(plain),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="block_context"):  # all blocks' K/V handed to one block
+        model.transformer_blocks[1](tokens, c, model.attach(Context(t, None), model.prepare(y)))

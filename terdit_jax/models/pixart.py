@@ -139,7 +139,7 @@ class PixArtBlock(nnx.Module):
         mod = self.modulation(c) if mod is None else mod
         sh_a, sc_a, g_a, sh_m, sc_m, g_m = jnp.split(mod, 6, axis=-1)
         x = x + g_a[:, None] * self.attn1(modulate(self.norm1(x), sh_a, sc_a), ctx.t)
-        cap = ctx.caption
+        cap = Caption(*ctx.caption)  # also a plain (tokens, mask) pair: block-wise calibration builds its Context
         if cap.kv is not None and isinstance(cap.kv[0], tuple):
             raise ValueError("a prepared caption reaches block i through model.block_context(ctx, i)")
         x = x + self.attn2(x, ctx.t, cap.tokens, cap.mask, kv=cap.kv)
