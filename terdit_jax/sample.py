@@ -361,6 +361,8 @@ def run_encode_prompts_mode(config, workdir: str, out: str | None = None, *, ove
         raise ConfigError(f"--out: {path} exists; pass --overwrite to replace it, or another --out")
     prompts = read_prompts(config.sample.prompts)
     caps = encode_prompts(prompts, config.text, config.model.caption_len, log=log)
+    caps.check(config.model.caption_channels, config.model.caption_len,
+               f"the encoder at {config.text.encoder_path}'s captions")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     captions_lib.write(path, caps)
     return path
