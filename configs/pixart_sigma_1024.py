@@ -1,7 +1,8 @@
 """PixArt-Σ XL/2 at 1024 px (Chen et al. 2024; diffusers `PixArt-alpha/PixArt-Sigma-XL-2-1024-MS`): 610,856,096
 trainable parameters plus the fixed 4096×1152 position table (615,574,688 as the original .pth counts it).
 
-PixArt-α's architecture (configs/pixart_alpha_512.py, which says what exists) with Σ's longer caption and resolution.
+PixArt-α's architecture and sampling settings (configs/pixart_alpha_512.py, which says what exists and how to
+sample from prompts) with Σ's longer caption (300 T5 tokens: prompts are tokenized to 300) and resolution.
 """
 from terdit_jax.configs.pixart_alpha_512 import get_config as alpha_config
 

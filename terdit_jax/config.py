@@ -133,7 +133,12 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.sample = s = ml_collections.ConfigDict()
     s.classes = "89,475,978,971,508,32,963,235"  # comma-separated labels; "all" = every class
-    s.per_class = 1
+    s.per_class = 1  # images per class, or per prompt for a text family
+    # A text family (pixart) samples from prompts instead of classes: `prompts`, a UTF-8 file with one prompt per
+    # line, encoded with the T5 of config.text; or `prompt_embeds`, a caption-embeddings .npz computed elsewhere
+    # (text/captions.py; --mode encode_prompts writes one). CFG uses the empty prompt's embedding.
+    s.prompts = ""
+    s.prompt_embeds = ""
     s.num_steps = 250
     s.sampler = "ddpm"  # "ddpm" | "ddim" | "dpm++" (DPM-Solver++(2M), PixArt's, 20 steps)
     s.cfg_scale = 4.0
@@ -143,6 +148,14 @@ def base_config() -> ml_collections.ConfigDict:
     s.step = -1  # checkpoint step to sample from; -1 = newest
     s.packed_path = ""  # sample from a packed export (--mode export, or an imported official checkpoint) instead
     s.quantized = ""  # sample a quantized model: the name of <workdir>/quantized/<name> written by --mode quantize
+
+    # The text encoder of a text family (--mode sample with sample.prompts, --mode encode_prompts): a released
+    # T5 v1.1 folder, e.g. the diffusers pipeline PixArt-alpha/PixArt-XL-2-512x512's text_encoder/. Read from disk
+    # only, never downloaded.
+    c.text = x = ml_collections.ConfigDict()
+    x.encoder_path = ""  # config.json + *.safetensors of a transformers T5EncoderModel
+    x.tokenizer_path = ""  # tokenizer.json or spiece.model folder; "" = the encoder's if it has one, else ../tokenizer
+    x.batch_size = 8  # prompts per encoder call
 
     # Post-training quantization (--mode quantize): a full-precision model → <workdir>/quantized/<method>_w<W>a<A>.
     c.quant = q = ml_collections.ConfigDict()
@@ -256,6 +269,11 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("sample", f"packed_path={s.packed_path!r} and quantized={s.quantized!r} both name a model to sample; "
               "set one of them")
     _check_name("sample.quantized", s.quantized)
+    if s.prompts and s.prompt_embeds:
+        _fail("sample", f"prompts={s.prompts!r} and prompt_embeds={s.prompt_embeds!r} both name what to sample; "
+              "set one of them")
+    if c.text.batch_size < 1:
+        _fail("text.batch_size", f"{c.text.batch_size} must be positive")
     _check_quant(c.quant)
     with c.unlocked():
         m.sites = tuple(dict(r) for r in (m.sites or ()))

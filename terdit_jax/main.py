@@ -29,8 +29,9 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "Output directory (checkpoints/, samples/, metrics.jsonl). "
                         "Default: runs/<config name>.")
     flags.DEFINE_enum("mode", "train", MODES.names(), "What to do: " + ", ".join(MODES.names()))
-    flags.DEFINE_string("out", None, "export/export_orbax: output directory (default <workdir>/packed or <workdir>/export_orbax)")
-    flags.DEFINE_bool("overwrite", False, "export / quantize: replace an existing export or quantized model")
+    flags.DEFINE_string("out", None, "export/export_orbax: output directory (default <workdir>/packed or "
+                        "<workdir>/export_orbax); encode_prompts: the .npz (default <workdir>/captions/<prompts>.npz)")
+    flags.DEFINE_bool("overwrite", False, "export / quantize / encode_prompts: replace an existing output")
 
 
 def _bad_flags(e: BaseException):
@@ -116,6 +117,12 @@ def _quantize(config, workdir: str, out_dir: str | None, overwrite: bool):
     run_quantize_mode(config, workdir, overwrite=overwrite, log=_say)
 
 
+def _encode_prompts(config, workdir: str, out_dir: str | None, overwrite: bool):
+    from terdit_jax.sample import run_encode_prompts_mode
+    path = run_encode_prompts_mode(config, workdir, out_dir, overwrite=overwrite, log=_say)
+    _say(f"caption embeddings: {path}; sample from them with --mode sample --config.sample.prompt_embeds={path}")
+
+
 def _extract_latents(config, workdir: str, out_dir: str | None, overwrite: bool):
     from terdit_jax.data.latents import run_extract_mode
     manifest = run_extract_mode(config, log=_say)
@@ -126,7 +133,7 @@ def _extract_latents(config, workdir: str, out_dir: str | None, overwrite: bool)
 # --mode name → handler(config, workdir, --out, --overwrite); each does its work in the module it imports.
 MODES: Registry[Callable] = Registry("mode", {
     "train": _train, "sample": _sample, "eval": _eval, "export": _export, "export_orbax": _export_orbax,
-    "quantize": _quantize, "extract_latents": _extract_latents,
+    "quantize": _quantize, "extract_latents": _extract_latents, "encode_prompts": _encode_prompts,
 })
 
 
@@ -149,6 +156,9 @@ def main(argv):
     from terdit_jax.ptq.calibration import CalibrationError
     from terdit_jax.ptq.run import QuantizeError
     from terdit_jax.quant.sites import SiteError
+    from terdit_jax.text.captions import CaptionError
+    from terdit_jax.text.prompts import PromptError
+    from terdit_jax.text.tokenizer import TokenizerError
     from terdit_jax.train import TrainingDiverged
 
     config = FLAGS.config
@@ -159,7 +169,7 @@ def main(argv):
         initialize_distributed(config)
         run(config, workdir, FLAGS.mode)
     except (ConfigError, CheckpointError, TrainingDiverged, ExportError, SiteError, QuantizeError, CalibrationError,
-            FileNotFoundError, PermissionError) as e:
+            CaptionError, PromptError, TokenizerError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

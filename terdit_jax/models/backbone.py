@@ -30,7 +30,7 @@ class Context(NamedTuple):
     """
     t: jax.Array
     angles: jax.Array | None
-    caption: tuple | None = None  # (tokens (B, N, D), mask (B, N)) of a text-conditioned family, set by `attach`
+    caption: tuple | None = None  # a text-conditioned family's caption as its blocks take it, set by `attach`
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -80,8 +80,19 @@ class DiffusionTransformer(nnx.Module):
       block_list() → the transformer blocks in order, each called block(tokens, c, ctx, mod=None) → tokens.
     """
 
+    def prepare(self, y):
+        """y with what depends only on y computed once, for a sampler to pass at every step instead of y (a text
+        family's projected caption and cross-attention keys and values). Identity unless a family has such work;
+        `__call__` takes y prepared or not (training passes it raw)."""
+        return y
+
     def attach(self, ctx: Context, y) -> Context:
-        """ctx with what the blocks need from y besides `condition` (a text family's caption tokens)."""
+        """ctx with what the blocks need from y (raw or `prepare`d) besides `condition` (a text family's caption
+        tokens)."""
+        return ctx
+
+    def block_context(self, ctx: Context, i: int) -> Context:
+        """The ctx block i sees (a prepared caption hands each block its own keys and values); ctx by default."""
         return ctx
 
     def unembed(self, tokens: jax.Array, c: jax.Array, ctx: Context, h: int, w: int) -> jax.Array:
@@ -96,5 +107,5 @@ class DiffusionTransformer(nnx.Module):
         ctx = self.attach(ctx, y)
         c = self.condition(t, y, drop_key)
         for i, block in enumerate(self.block_list()):
-            tokens = block(tokens, c, ctx, None if modulations is None else modulations[i])
+            tokens = block(tokens, c, self.block_context(ctx, i), None if modulations is None else modulations[i])
         return self.unembed(tokens, c, ctx, x.shape[1], x.shape[2])

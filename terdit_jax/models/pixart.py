@@ -7,12 +7,15 @@ adaLN-single: one timestep MLP and one SiLU→Linear(D, 6D) shared by all blocks
 (`transformer_blocks.N.attn1.to_q`, `attn2`, `ff.net_0_proj`, `adaln_single`, `caption_projection`, ...), so the
 importer (`load_diffusers`) is a table lookup and site rules read like the PyTorch ones.
 
-Conditioning: `y` is the pair (caption (B, N, caption_channels), mask (B, N) 1 = token, 0 = padding).
-`condition` returns c = [embedded_t (D) | adaLN-single output (6D)] (B, 7D); the projected caption tokens and
-their mask travel to the blocks in `Context.caption`.
+Conditioning: `y` is the pair (caption (B, N, caption_channels), mask (B, N) 1 = token, 0 = padding), or that
+pair `prepare`d once per prompt batch (a `Caption` holding the projected tokens and every block's cross-attention
+keys and values, which do not change over the sampling steps). `condition` returns c = [embedded_t (D) |
+adaLN-single output (6D)] (B, 7D); the caption travels to the blocks in `Context.caption`.
 Shapes: B batch, T image tokens, N caption tokens, D width, H heads, hd = D/H.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +25,7 @@ from terdit_jax.models.backbone import Context, DiffusionTransformer, modulate, 
 from terdit_jax.models.layers import LayerNorm, attention_sites, quantize_qkv, site_attention, timestep_features
 from terdit_jax.models.linears import make_linear
 from terdit_jax.models.ternary import normal_init, xavier_uniform, zeros_init
-from terdit_jax.quant.sites import make_site, quantize
+from terdit_jax.quant.sites import make_site, quantize, sites_of
 
 # PixArt-XL/2: the DiT-XL/2 backbone (28 blocks, D 1152, 16 heads of 72).
 PRESETS = {"PixArt-XL/2": dict(dim=1152, n_layers=28, n_heads=16, patch_size=2)}
@@ -56,6 +59,15 @@ def pos_embed(dim: int, gh: int, gw: int, base: int, scale: float) -> jax.Array:
     cols = jnp.arange(gw, dtype=jnp.float32) / (gw / base) / scale
     r, c = jnp.meshgrid(rows, cols, indexing="ij")
     return jnp.concatenate([axis(c.reshape(-1), dim // 2), axis(r.reshape(-1), dim // 2)], axis=-1)
+
+
+class Caption(NamedTuple):
+    """The caption as the blocks take it (`Context.caption`): projected tokens (B, N, D) and mask (B, N); kv is
+    None (the blocks project the tokens themselves), or in a `prepare`d caption every block's cross-attention
+    (k, v), each (B, N, H, hd), of which `block_context` hands block i its own pair."""
+    tokens: jax.Array
+    mask: jax.Array
+    kv: tuple | None = None
 
 
 def _lin(cfg, path, i, o, axes, dtype, rngs, init=xavier_uniform):
@@ -127,8 +139,10 @@ class PixArtBlock(nnx.Module):
         mod = self.modulation(c) if mod is None else mod
         sh_a, sc_a, g_a, sh_m, sc_m, g_m = jnp.split(mod, 6, axis=-1)
         x = x + g_a[:, None] * self.attn1(modulate(self.norm1(x), sh_a, sc_a), ctx.t)
-        caption, mask = ctx.caption
-        x = x + self.attn2(x, ctx.t, caption, mask)
+        cap = Caption(*ctx.caption)  # also a plain (tokens, mask) pair: block-wise calibration builds its Context
+        if cap.kv is not None and isinstance(cap.kv[0], tuple):
+            raise ValueError("a prepared caption reaches block i through model.block_context(ctx, i)")
+        x = x + self.attn2(x, ctx.t, cap.tokens, cap.mask, kv=cap.kv)
         hidden = jax.nn.gelu(self.ff_net_0_proj(modulate(self.norm2(x), sh_m, sc_m), ctx.t), approximate=True)
         return x + g_m[:, None] * self.ff_net_2(quantize(self.hidden_site, hidden, ctx.t), ctx.t)
 
@@ -192,8 +206,28 @@ class PixArt(DiffusionTransformer):
         table = pos_embed(tokens.shape[-1], x.shape[1] // p, x.shape[2] // p, self.base, self.pe_scale)
         return tokens + table.astype(tokens.dtype), Context(t, None)
 
+    def caption_is_constant(self) -> bool:
+        """Whether the caption path (projection, every attn2 to_k/to_v) is the same at every timestep: no quantizer
+        on it is time-grouped (the attn2 k/v sites quantize after this path, at each step)."""
+        path = [self.caption_projection_linear_1, self.caption_projection_linear_2,
+                *(m for b in self.transformer_blocks for m in (b.attn2.to_k, b.attn2.to_v))]
+        return all(getattr(site, "time_groups", 1) == 1 for m in path for site in sites_of(m).values())
+
+    def prepare(self, y) -> Caption:
+        """(caption, mask) → `Caption` with the projected tokens and every block's cross-attention K/V, computed
+        once (a sampler then skips 2 + 2·n_layers caption matmuls per step). y itself where the caption path
+        depends on the timestep (time-grouped quantizers), or y is prepared already."""
+        if isinstance(y, Caption) or not self.caption_is_constant():
+            return y
+        tokens, mask = self.caption(y, None)
+        return Caption(tokens, mask, tuple(b.attn2.kv(tokens, None) for b in self.transformer_blocks))
+
     def attach(self, ctx: Context, y) -> Context:
-        return ctx._replace(caption=self.caption(y, ctx.t))
+        return ctx._replace(caption=y if isinstance(y, Caption) else Caption(*self.caption(y, ctx.t)))
+
+    def block_context(self, ctx: Context, i: int) -> Context:
+        cap = ctx.caption
+        return ctx if cap.kv is None else ctx._replace(caption=cap._replace(kv=cap.kv[i]))
 
     def unembed(self, tokens, c, ctx, h, w):
         return unpatchify(self.final_layer(tokens, c, ctx.t), self.patch_size, h, w).astype(jnp.float32)
