@@ -145,10 +145,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --flag=value")
     from terdit_jax.checkpoint import CheckpointError
     from terdit_jax.config import ConfigError
+    from terdit_jax.data.captioned import CaptionFileError
     from terdit_jax.export import ExportError
     from terdit_jax.ptq.calibration import CalibrationError
     from terdit_jax.ptq.run import QuantizeError
     from terdit_jax.quant.sites import SiteError
+    from terdit_jax.text.captions import CaptionError
     from terdit_jax.train import TrainingDiverged
 
     config = FLAGS.config
@@ -159,7 +161,7 @@ def main(argv):
         initialize_distributed(config)
         run(config, workdir, FLAGS.mode)
     except (ConfigError, CheckpointError, TrainingDiverged, ExportError, SiteError, QuantizeError, CalibrationError,
-            FileNotFoundError, PermissionError) as e:
+            CaptionError, CaptionFileError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
