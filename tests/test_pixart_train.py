@@ -286,7 +286,7 @@ sys.path.insert(0, "tests")
 import jax, numpy as np
 from test_pixart_train import pixart_config
 from terdit_jax import parallel, train as T
-c = pixart_config()
+c = pixart_config(grad_accum_steps=2)
 c.parallel.ici_data, c.parallel.ici_fsdp, c.parallel.ici_tensor = 2, 2, 2
 c.parallel.remat = "dots"
 mesh = parallel.create_mesh(c)
@@ -300,7 +300,8 @@ print(json.dumps({"loss": float(m["loss"]), "mesh": dict(mesh.shape), "tensor_sp
 
 
 def test_sharded_step_with_captions_matches_unsharded(tmp_path):
-    """data 2 × fsdp 2 × tensor 2 with 'dots' remat on caption batches: the same step as one device, no mesh."""
+    """data 2 × fsdp 2 × tensor 2, 2 microbatches, 'dots' remat, caption batches: the same step as one device, no
+    mesh, one batch."""
     r = run_script(SHARDED.replace("sys.argv[1]", repr(str(tmp_path / "p.npz"))))
     assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     assert r["tensor_split"], "no pixart parameter is split over the tensor axis"

@@ -161,8 +161,9 @@ class LatentSource:
         return len(self._base)
 
     def __repr__(self) -> str:  # no path: a checkpoint must still restore after the data directory moved
-        return (f"LatentSource(len={len(self)}, shape={self.shape}, image_size={self.manifest['image_size']}, "
-                f"condition={self.condition})")
+        # (labels: the repr of before captions existed, which runs started then have in their checkpoints)
+        cond = "" if self.condition == "label" else f", condition={self.condition}"
+        return f"LatentSource(len={len(self)}, shape={self.shape}, image_size={self.manifest['image_size']}{cond})"
 
     def __getitem__(self, i: int) -> dict:
         r = msgpack.unpackb(self._base[i])
