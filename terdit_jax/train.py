@@ -78,7 +78,7 @@ def make_train_step(apply, config, mesh=None, null_y=None):
         b = x0.shape[0]
         t = jax.random.randint(k_t, (b,), 0, diffusion.num_timesteps)
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        if m.class_dropout_prob > 0:  # CFG training: each example's whole condition → the null one (drawn per example)
+        if m.class_dropout_prob > 0:  # CFG training: an example's whole condition → the null one (drawn per example)
             y = conditions.drop(y, null_y, jax.random.uniform(k_drop, (b,)) < m.class_dropout_prob)
         inputs = (x0, t, noise, y)
         if k == 1:
@@ -232,14 +232,16 @@ def make_data(config, process_index: int = 0, process_count: int = 1):
             from terdit_jax.data.latents import LatentSource
             src = LatentSource(d.path, image_size=d.image_size)
             if src.condition != kind:
-                raise captions_file.CaptionError(f"the latent shards in {d.path} are conditioned on {src.condition}s but "
-                                 f"model.family={config.model.family!r} takes {kind}s: extract them with this "
-                                 "model's config (--mode extract_latents)")
+                raise captions_file.CaptionError(
+                    f"the latent shards in {d.path} are conditioned on {src.condition}s but model.family="
+                    f"{config.model.family!r} takes {kind}s: extract them with this model's config "
+                    "(--mode extract_latents)")
             if src.captions is not None:
                 caps = conditions.check_captions(src.captions, config.model, f"the captions of {d.path}")
         elif kind != "label":
-            raise captions_file.CaptionError("config.data.kind='imagenet' gives class labels; a text family trains on caption "
-                             "latents: --mode extract_latents with data.caption_embeds, then data.kind=imagenet_latents")
+            raise captions_file.CaptionError(
+                "config.data.kind='imagenet' gives class labels; a text family trains on caption latents: "
+                "--mode extract_latents with data.caption_embeds, then data.kind=imagenet_latents")
         source = "latents" if d.kind == "imagenet_latents" else "images"
         it = make_train_iterator(source, d.path, image_size=d.image_size, global_batch_size=t.batch_size,
                                  seed=config.seed, process_index=process_index, process_count=process_count,

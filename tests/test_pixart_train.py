@@ -18,7 +18,7 @@ from terdit_jax.checkpoint import Checkpoints  # noqa: E402
 from terdit_jax.config import base_config, finalize  # noqa: E402
 from terdit_jax.data import conditions  # noqa: E402
 from terdit_jax.data.captioned import CaptionedImages, CaptionFileError  # noqa: E402
-from terdit_jax.data.digits import DigitBatches, byte_tokens, digit_captions  # noqa: E402
+from terdit_jax.data.digits import byte_tokens, digit_captions  # noqa: E402
 from terdit_jax.data.latents import LatentSource, extract_latents  # noqa: E402
 from terdit_jax.models.families import FAMILIES, abstract  # noqa: E402
 from terdit_jax.text import captions as C  # noqa: E402
@@ -200,7 +200,8 @@ def extract(root, out):
     from terdit_jax.data.conditions import CaptionRecords
     from terdit_jax.data.latents import _caption_data
     c = shard_config(out)
-    c.data.update(image_path=str(root), caption_file=str(root / "captions.txt"), caption_embeds=str(root / "embeds.npz"))
+    c.data.update(image_path=str(root), caption_file=str(root / "captions.txt"),
+                  caption_embeds=str(root / "embeds.npz"))
     source, records = _caption_data(c, str(out))
     assert isinstance(records, CaptionRecords)
     return source, extract_latents(source, fake_encode, str(out), image_size=32, batch_size=4, records_per_shard=5,
