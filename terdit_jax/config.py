@@ -90,6 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
     d.latent_scale = 0.18215
     d.vae_path = ""  # diffusers SD-VAE folder (sd-vae-ft-ema): --mode extract_latents and decoding samples
     d.image_path = ""  # ImageNet train images (tar, folder, tfds or converted ArrayRecord) for extract_latents
+    # Text families (pixart): extract_latents reads captions from this 'path<TAB>caption' file (empty: a <name>.txt
+    # next to each image) and their embeddings from caption_embeds (text.captions .npz whose prompts are the
+    # captions); the digits demo takes caption_embeds (one prompt per class) or makes its own.
+    d.caption_file = ""
+    d.caption_embeds = ""
     d.extract_batch_size = 64
     d.workers = 8
 

@@ -152,6 +152,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --flag=value")
     from terdit_jax.checkpoint import CheckpointError
     from terdit_jax.config import ConfigError
+    from terdit_jax.data.captioned import CaptionFileError
     from terdit_jax.export import ExportError
     from terdit_jax.ptq.calibration import CalibrationError
     from terdit_jax.ptq.run import QuantizeError
@@ -169,7 +170,7 @@ def main(argv):
         initialize_distributed(config)
         run(config, workdir, FLAGS.mode)
     except (ConfigError, CheckpointError, TrainingDiverged, ExportError, SiteError, QuantizeError, CalibrationError,
-            CaptionError, PromptError, TokenizerError, FileNotFoundError, PermissionError) as e:
+            CaptionError, CaptionFileError, PromptError, TokenizerError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -138,16 +138,16 @@ def batch_spec_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in mesh_axes("batch"))
 
 
-def global_batch(local: dict, mesh: Mesh, global_size: int) -> dict:
-    """Assemble the global batch from this process's rows (numpy), sharded over data×fsdp.
+def global_batch(local, mesh: Mesh, global_size: int):
+    """Assemble the global batch from this process's rows (a pytree of numpy arrays, e.g. {'x', 'y': (caption,
+    mask)}), each leaf sharded over data×fsdp.
 
     Each process passes rows [i·B/P, (i+1)·B/P) of the global batch; jax.make_array_from_process_local_data
     places them on this process's devices (no cross-host transfer)."""
-    out = {}
-    for k, v in local.items():
+    def one(v):
         v = np.asarray(v)
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, (global_size,) + v.shape[1:])
-    return out
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, (global_size,) + v.shape[1:])
+    return jax.tree.map(one, local)
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, axes) -> jax.Array:
@@ -198,14 +198,15 @@ def forward(graphdef, params, x, t, y, *, remat: str = "none", mesh: Mesh | None
     ctx = model.attach(ctx, y)
     tokens = cons(tokens)
     c = model.condition(t, y, None)
-    for block in model.block_list():
+    for i, block in enumerate(model.block_list()):
+        bctx = model.block_context(ctx, i)
         if remat == "none":
-            tokens = block(tokens, c, ctx)
+            tokens = block(tokens, c, bctx)
         else:
             gd, st = nnx.split(block)
             run = jax.checkpoint(lambda s, a, cc, cx, gd=gd: nnx.merge(gd, s)(a, cc, cx),
                                  policy=REMAT_POLICIES[remat], prevent_cse=True)
-            tokens = run(st, tokens, c, ctx)
+            tokens = run(st, tokens, c, bctx)
         tokens = cons(tokens)
     return model.unembed(tokens, c, ctx, x.shape[1], x.shape[2])
 

@@ -16,13 +16,13 @@ from PIL import Image, ImageDraw
 
 from terdit_jax.checkpoint import adopt_architecture, load_ema, model_signature, stored_model
 from terdit_jax.config import ConfigError, finalize, sample_labels
+from terdit_jax.data.conditions import kind_of
 from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.diffusion.samplers import respacing, sample
 from terdit_jax.eval.adm_npz import write_adm_batch
 from terdit_jax.export import ExportError, load_packed, read_manifest as read_packed_manifest
 from terdit_jax.labels import to_model_labels
 from terdit_jax.model_fn import bind
-from terdit_jax.models.families import family_of
 from terdit_jax.ptq import checkpoint as qckpt
 from terdit_jax.registry import Registry
 
@@ -165,19 +165,13 @@ def caption_conditions(config, model_labels, log=print) -> Conditions:
                       {"prompts": np.asarray(caps.prompts, dtype=str)})
 
 
-# what a family is conditioned on (`condition_kind`) → (config, to_model_labels, log) → Conditions
+# what a family is conditioned on (`data.conditions.kind_of`) → (config, to_model_labels, log) → Conditions
 CONDITIONS: Registry[Callable] = Registry("condition kind", {"label": class_conditions, "caption": caption_conditions})
-
-
-def condition_kind(model_cfg) -> str:
-    """'caption' for a family that reads caption tokens (its registry entry does not list model.caption_channels
-    among the fields it ignores), else 'label'."""
-    return "label" if "caption_channels" in family_of(model_cfg).unused_fields else "caption"
 
 
 def sample_conditions(config, model_labels=lambda labels: labels, log=print) -> Conditions:
     """What `--mode sample` draws for the config's model family."""
-    return CONDITIONS.get(condition_kind(config.model))(config, model_labels, log)
+    return CONDITIONS.get(kind_of(config.model))(config, model_labels, log)
 
 
 def latent_decoder(config):
@@ -352,7 +346,7 @@ def run_encode_prompts_mode(config, workdir: str, out: str | None = None, *, ove
 
     if not config.sample.prompts:
         raise ConfigError("config.sample.prompts: --mode encode_prompts needs a prompt file (one prompt per line)")
-    if condition_kind(config.model) != "caption":
+    if kind_of(config.model) != "caption":
         raise ConfigError(f"config.model.family={config.model.family!r} is class-conditional; encode prompts for a "
                           "text family (e.g. --config=configs/pixart_alpha_512.py)")
     path = out or os.path.join(workdir, "captions",

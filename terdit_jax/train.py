@@ -18,9 +18,11 @@ from tqdm.auto import tqdm
 from terdit_jax import parallel
 from terdit_jax.checkpoint import CheckpointError, Checkpoints
 from terdit_jax.config import sample_labels
+from terdit_jax.data import conditions
 from terdit_jax.diffusion.gaussian import create_diffusion
 from terdit_jax.model_fn import param_count
 from terdit_jax.sample import generate, save_grid
+from terdit_jax.text import captions as captions_file
 from terdit_jax.train_state import abstract_state, init_state, learning_rate, make_optimizer
 
 
@@ -28,12 +30,17 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; no checkpoint is written after that point."""
 
 
-def make_train_step(apply, config, mesh=None):
+def make_train_step(apply, config, mesh=None, null_y=None):
     """One optimisation step (state, batch) → (state, metrics), jitted with donated state (and, with a mesh,
-    explicit in/out shardings). batch: {'x': (B, H, W, C), 'y': (B,)} or {'moments': (B, h, w, 8), 'y': (B,)},
-    in which case the latents are drawn on device (terdit_jax.data.latents.sample_latents).
+    explicit in/out shardings). batch: {'x': (B, H, W, C), 'y': y} or {'moments': (B, h, w, 8), 'y': y}, in which
+    case the latents are drawn on device (terdit_jax.data.latents.sample_latents); y: (B,) int labels, or a text
+    family's (caption (B, L, C), mask (B, L)).
 
-    All random draws (t, noise, label dropout, latents) are made for the whole global batch first, so the result
+    CFG dropout (model.class_dropout_prob: DiT's label dropout, PixArt's caption dropout) replaces an example's y by
+    `null_y`: by default the null class model.num_classes; a text family passes the empty prompt's (caption (L, C),
+    mask (L,)) (`make_data(...).null_y`).
+
+    All random draws (t, noise, condition dropout, latents) are made for the whole global batch first, so the result
     does not depend on the mesh or on train.grad_accum_steps; with k microbatches the gradients are summed and each
     microbatch's loss is divided by the global batch size (Large-DiT divides each microbatch loss by the local batch).
     """
@@ -43,6 +50,12 @@ def make_train_step(apply, config, mesh=None):
     fwd = functools.partial(parallel.forward, apply.graphdef, remat=p.remat, mesh=mesh,
                             constrain_acts=p.constrain_activations)
     scale = config.data.latent_scale
+    if null_y is None:
+        if conditions.takes_captions(m):
+            raise ValueError(f"model.family={m.family!r} conditions on captions: pass null_y, the empty prompt's "
+                             "(caption, mask), e.g. make_data(config).null_y")
+        null_y = m.num_classes
+    null_y = jax.tree.map(jnp.asarray, null_y)
 
     def loss_fn(params, inputs, total):
         x0, t, noise, y = inputs
@@ -56,16 +69,16 @@ def make_train_step(apply, config, mesh=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         k_t, k_noise, k_drop, k_lat = jax.random.split(key, 4)
         y = batch["y"]
-        b = y.shape[0]
         if "moments" in batch:
             from terdit_jax.data.latents import sample_latents
             x0 = sample_latents(batch["moments"], k_lat, scale)
         else:
             x0 = batch["x"]
+        b = x0.shape[0]
         t = jax.random.randint(k_t, (b,), 0, diffusion.num_timesteps)
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        if m.class_dropout_prob > 0:  # CFG training: the null class (LabelEmbedder's rule, drawn per example)
-            y = jnp.where(jax.random.uniform(k_drop, (b,)) < m.class_dropout_prob, m.num_classes, y)
+        if m.class_dropout_prob > 0:  # CFG training: an example's whole condition → the null one (drawn per example)
+            y = conditions.drop(y, null_y, jax.random.uniform(k_drop, (b,)) < m.class_dropout_prob)
         inputs = (x0, t, noise, y)
         if k == 1:
             (loss, aux), grads = grad_fn(state["params"], inputs, b)
@@ -96,14 +109,15 @@ def make_train_step(apply, config, mesh=None):
         return jax.jit(step, donate_argnums=0)
     _, abstract = abstract_state(config, mesh)
     state_sh = parallel.state_shardings(abstract, mesh)
-    batch_sh = {key: parallel.batch_sharding(mesh, nd) for key, nd in batch_ndims(config).items()}
+    batch_sh = jax.tree.map(lambda nd: parallel.batch_sharding(mesh, nd), batch_ndims(config))
     return jax.jit(step, donate_argnums=0, in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, parallel.replicated(mesh)))
 
 
-def batch_ndims(config) -> dict[str, int]:
-    """Keys and ranks of the batches `make_data(config)` gives."""
-    return {"moments" if config.data.kind == "imagenet_latents" else "x": 4, "y": 1}
+def batch_ndims(config) -> dict:
+    """Keys and ranks of the batches `make_data(config)` gives (y: one rank per leaf of the condition)."""
+    return {"moments" if config.data.kind == "imagenet_latents" else "x": 4,
+            "y": conditions.CONDITIONS.get(conditions.kind_of(config.model)).ndims}
 
 
 def compile_step(step_fn, state, batch, *, log=print):
@@ -138,10 +152,13 @@ class MetricsLog:
 
 
 class StepData:
-    """A source whose batches are a pure function of the step (the digits): no position to save."""
+    """A source whose batches are a pure function of the step (the digits): no position to save.
 
-    def __init__(self, source):
-        self.source = source
+    Like `GrainData`: `null_y` is CFG's unconditional y, `captions` (a text family's, else None) the captions
+    the sample grids draw."""
+
+    def __init__(self, source, null_y, captions=None):
+        self.source, self.null_y, self.captions = source, null_y, captions
 
     def batch(self, step: int) -> dict:
         return self.source.batch(step)
@@ -156,12 +173,14 @@ class StepData:
 class GrainData:
     """This process's grain iterator (terdit_jax.data.pipeline); its position is saved with every checkpoint."""
 
-    def __init__(self, iterator, key: str):
-        self.it, self.key = iterator, key
+    def __init__(self, iterator, key: str, condition: str, null_y, captions=None):
+        self.it, self.key, self.condition = iterator, key, condition
+        self.null_y, self.captions = null_y, captions
 
     def batch(self, step: int) -> dict:
         b = next(self.it)
-        return {"x" if self.key == "image" else self.key: b[self.key], "y": b["label"].astype(np.int32)}
+        return {"x" if self.key == "image" else self.key: b[self.key],
+                "y": conditions.CONDITIONS.get(self.condition).y(b)}
 
     def get_state(self) -> str:
         s = self.it.get_state()
@@ -172,13 +191,34 @@ class GrainData:
             self.it.set_state(state.encode())
 
 
+def _null_y(config, captions):
+    """CFG's unconditional y: the empty prompt's (caption, mask) for a text family, else the null class."""
+    return config.model.num_classes if captions is None else captions.null()
+
+
+def digit_caption_set(config):
+    """A text family's captions of the ten digit classes (index = class): data.caption_embeds when given, else
+    the demo's own (`digits.digit_captions`, a random-weight T5)."""
+    from terdit_jax.data.digits import DIGIT_WORDS, digit_captions
+    m, path = config.model, config.data.caption_embeds
+    caps = captions_file.read(path) if path else digit_captions(m.caption_channels, m.caption_len, config.seed)
+    if path and len(caps) != len(DIGIT_WORDS):
+        raise captions_file.CaptionError(f"{path} holds {len(caps)} prompts; the digits need one per class, "
+                                         f"{len(DIGIT_WORDS)}, in class order")
+    return conditions.check_captions(caps, m, path or "the digit captions")
+
+
 def make_data(config, process_index: int = 0, process_count: int = 1):
     """This process's data: `batch(step)` returns its rows of global batch `step` as numpy arrays
-    ({'x' | 'moments', 'y'}); `get_state()`/`set_state()` save and restore the position."""
+    ({'x' | 'moments', 'y'}); `get_state()`/`set_state()` save and restore the position; `null_y` and `captions`
+    as `StepData` says."""
     d, t = config.data, config.train
+    kind = conditions.kind_of(config.model)
     if d.kind == "digits":
         from terdit_jax.data.digits import DigitBatches
-        return StepData(DigitBatches(t.batch_size, config.seed, process_index, process_count))
+        caps = digit_caption_set(config) if kind == "caption" else None
+        return StepData(DigitBatches(t.batch_size, config.seed, process_index, process_count, caps),
+                        _null_y(config, caps), caps)
     if d.kind in ("imagenet_latents", "imagenet"):
         if d.kind == "imagenet" and d.latent:
             raise ValueError("config.data.kind='imagenet' feeds pixels; a latent model (data.latent=True) trains on "
@@ -186,11 +226,26 @@ def make_data(config, process_index: int = 0, process_count: int = 1):
         if not d.path:
             raise FileNotFoundError(f"config.data.path is empty; point it at the {d.kind} data")
         from terdit_jax.data.pipeline import make_train_iterator
-        kind = "latents" if d.kind == "imagenet_latents" else "images"
-        it = make_train_iterator(kind, d.path, image_size=d.image_size, global_batch_size=t.batch_size,
+        caps = None
+        if d.kind == "imagenet_latents":
+            from terdit_jax.data.latents import LatentSource
+            src = LatentSource(d.path, image_size=d.image_size)
+            if src.condition != kind:
+                raise captions_file.CaptionError(
+                    f"the latent shards in {d.path} are conditioned on {src.condition}s but model.family="
+                    f"{config.model.family!r} takes {kind}s: extract them with this model's config "
+                    "(--mode extract_latents)")
+            if src.captions is not None:
+                caps = conditions.check_captions(src.captions, config.model, f"the captions of {d.path}")
+        elif kind != "label":
+            raise captions_file.CaptionError(
+                "config.data.kind='imagenet' gives class labels; a text family trains on caption latents: "
+                "--mode extract_latents with data.caption_embeds, then data.kind=imagenet_latents")
+        source = "latents" if d.kind == "imagenet_latents" else "images"
+        it = make_train_iterator(source, d.path, image_size=d.image_size, global_batch_size=t.batch_size,
                                  seed=config.seed, process_index=process_index, process_count=process_count,
                                  workers=d.workers)
-        return GrainData(it, "moments" if kind == "latents" else "image")
+        return GrainData(it, "moments" if source == "latents" else "image", kind, _null_y(config, caps), caps)
     raise ValueError(f"config.data.kind={d.kind!r}; use 'digits', 'imagenet_latents' or 'imagenet'")
 
 
@@ -204,16 +259,22 @@ def _local_copy(tree):
     return jax.tree.map(lambda a: a.addressable_data(0), full)
 
 
-def sample_grid(apply, params, config, path: str, key, *, per_class: int | None = None, decode=None):
-    """Write a labelled grid: sample.classes rows × per_class columns. Returns (images, labels) on process 0,
-    (None, labels) elsewhere. Every process must call it (a sharded model is first gathered)."""
-    labels = sample_labels(config)
-    if per_class:
+def sample_grid(apply, params, config, path: str, key, *, per_class: int | None = None, decode=None,
+                captions=None):
+    """Write a labelled grid: sample.classes rows × per_class columns, or with a text family's `captions` one row
+    per caption (labelled by its index). Returns (images, labels) on process 0, (None, labels) elsewhere. Every
+    process must call it (a sharded model is first gathered)."""
+    labels = sample_labels(config) if captions is None else list(range(len(captions)))
+    if per_class or captions is not None:
+        per_class = per_class or config.sample.per_class
         labels = [k for k in dict.fromkeys(labels) for _ in range(per_class)]
     params = _local_copy(params)
     if not parallel.is_main_process():
         return None, labels
-    images = generate(apply, params, labels, config, key, decode=decode)
+    if captions is None:
+        images = generate(apply, params, labels, config, key, decode=decode)
+    else:
+        images = generate(apply, params, captions.condition(labels), config, key, null_y=captions.null(), decode=decode)
     save_grid(path, images, labels)
     return images, labels
 
@@ -303,7 +364,9 @@ def train(config, workdir: str, *, log=print) -> dict:
     if t.batch_size % (parallel.batch_spec_divisor(mesh) * t.grad_accum_steps):
         raise ValueError(f"config.train.batch_size={t.batch_size} must divide by data×fsdp "
                          f"({parallel.batch_spec_divisor(mesh)}) × grad_accum_steps ({t.grad_accum_steps})")
-    step_fn = make_train_step(apply, config, mesh)
+    step_fn = make_train_step(apply, config, mesh, null_y=data.null_y)
+    if main and data.captions is not None:  # what the grids draw, for --mode sample from prompts later
+        captions_file.write(os.path.join(workdir, "captions.npz"), data.captions)
     metrics_log = MetricsLog(workdir) if main else None
     key = jax.random.key(config.sample.seed)
     preempt = _Preemption(config.parallel.preempt_check_every)
@@ -333,7 +396,7 @@ def train(config, workdir: str, *, log=print) -> dict:
                         bar.set_postfix(loss=f"{mean['loss']:.4f}", gn=f"{mean['grad_norm']:.2f}")
             if done % t.sample_every == 0 and done != t.steps and not preempted:
                 sample_grid(apply, state["ema"], config, os.path.join(workdir, "samples", f"grid_{done:07d}.png"),
-                            key, per_class=4)
+                            key, per_class=4, captions=data.captions)
             if save_now:
                 ckpt.save(done, state, config.model, data_state=data.get_state())
             if preempted:
@@ -345,7 +408,7 @@ def train(config, workdir: str, *, log=print) -> dict:
         ckpt.wait()
         ckpt.close()
     return {"checkpoints": ckpt.directory, "metrics": os.path.join(workdir, "metrics.jsonl"), "apply": apply,
-            "state": state, "step": done, "preempted": preempted, "mesh": mesh}
+            "state": state, "step": done, "preempted": preempted, "mesh": mesh, "captions": data.captions}
 
 
 def run_train_mode(config, workdir: str, *, log=print) -> dict:
@@ -357,7 +420,8 @@ def run_train_mode(config, workdir: str, *, log=print) -> dict:
         return out
     grid = os.path.join(workdir, "samples", "final_grid.png")
     log("sampling the final grid from the EMA weights ...")
-    images, labels = sample_grid(out["apply"], out["state"]["ema"], config, grid, jax.random.key(config.sample.seed))
+    images, labels = sample_grid(out["apply"], out["state"]["ema"], config, grid, jax.random.key(config.sample.seed),
+                                 captions=out["captions"])
     if parallel.is_main_process() and config.data.kind == "digits" and config.eval.demo_quality:
         from terdit_jax.eval.run import digits_quality
         log("measuring sample quality (class accuracy; FID/precision/recall vs held-out digits) ...")

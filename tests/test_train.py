@@ -47,6 +47,9 @@ class NaNAt:
         b = self.inner.batch(step)
         return {**b, "x": b["x"] * np.nan} if step == self.bad else b
 
+    def __getattr__(self, name):  # null_y, captions
+        return getattr(self.inner, name)
+
     def get_state(self):
         return self.inner.get_state()
 

@@ -5,8 +5,11 @@ that randomness while encoding only once, we store the posterior *moments* (4 me
 each image and of its mirror image, and draw a fresh sample per training step with ``sample_latents``.
 
 Layout of ``out_dir``: ``latents-KKKKK-of-NNNNN.array_record`` shards (msgpack records
-``{'m': bytes of dtype (2, h, w, 8), 'shape': [2, h, w, 8], 'label': int}``; view 0 is the image, view 1 its
-mirror), one ``<shard>.json`` sidecar per shard, and ``manifest.json``.
+``{'m': bytes of dtype (2, h, w, 8), 'shape': [2, h, w, 8], **condition}``; view 0 is the image, view 1 its
+mirror), one ``<shard>.json`` sidecar per shard, and ``manifest.json`` (its ``condition`` says what each record is
+conditioned on: ``'label'`` adds ``'label': int``; ``'caption'`` adds the caption's tokens, see
+``data.conditions.CaptionRecords``, and a text set also has ``captions.npz``: the empty prompt's embedding and
+the first captions, for CFG dropout and sample grids).
 """
 from __future__ import annotations
 
@@ -22,7 +25,10 @@ import msgpack
 import numpy as np
 
 from terdit_jax.data import imagenet
+from terdit_jax.data.captioned import CaptionedImages
+from terdit_jax.data.conditions import CONDITIONS, CaptionRecords, LabelRecords, check_captions, kind_of
 from terdit_jax.data.transforms import center_crop_arr, decode_rgb, hflip, to_float
+from terdit_jax.text import captions
 from terdit_jax.vae.autoencoder_kl import sample_latent
 
 log = logging.getLogger(__name__)
@@ -31,21 +37,26 @@ LATENTS_KIND = "imagenet_latents"
 SD_VAE_SCALE = 0.18215  # Stable Diffusion VAE latent scale, as in DiT/TerDiT train.py
 
 
+CAPTIONS_FILE = "captions.npz"  # next to caption shards: the empty prompt's embedding and the first captions
+PREVIEW_CAPTIONS = 16  # how many of the data set's first distinct captions captions.npz keeps (sample grids)
+
+
 def _crop(source, i: int, image_size: int):
     item = source[i]
     if item["image"] is None:  # the source already counted and logged it
         return None
-    return center_crop_arr(decode_rgb(item["image"]), image_size), int(item["label"])
+    return center_crop_arr(decode_rgb(item["image"]), image_size), item
 
 
 def extract_latents(source, encode_fn: Callable[[np.ndarray], np.ndarray], out_dir: str, *, image_size: int,
                     batch_size: int = 32, records_per_shard: int = 2048, dtype: str = "float32", threads: int = 8,
-                    process_index: int = 0, process_count: int = 1, progress: bool = True) -> dict:
+                    process_index: int = 0, process_count: int = 1, progress: bool = True,
+                    condition=LabelRecords()) -> dict:
     """Encodes every image of ``source`` and its horizontal flip to VAE moments in ArrayRecord shards.
 
     Args:
       source: an ImageNet path (any layout ``imagenet.open_image_source`` reads) or a random-access sequence of
-        ``{'image': uint8 (H, W, 3) or None, 'label': int}``.
+        ``{'image': uint8 (H, W, 3) or None, 'label': int}`` (or ``'caption_index'`` for caption records).
       encode_fn: maps float32 (2B, S, S, 3) in [-1, 1] to moments (2B, S/8, S/8, 8) (mean channels first, as
         diffusers' DiagonalGaussianDistribution splits them). Called with a fixed batch (padded) so jit compiles once.
       out_dir: shard directory; an interrupted run resumes there, skipping finished shards.
@@ -53,6 +64,8 @@ def extract_latents(source, encode_fn: Callable[[np.ndarray], np.ndarray], out_d
       records_per_shard: source images per shard (corrupt ones are skipped and counted in the sidecar).
       dtype: 'float32' or 'float16' storage (float16 halves disk but rounds the mean more than the posterior std).
       process_index, process_count: this process encodes shards k with k % process_count == process_index.
+      condition: what each record stores besides the moments, from its source item (`conditions.LabelRecords`:
+        the item's 'label'; `conditions.CaptionRecords`: the tokens of the item's 'caption_index').
     Returns the manifest; it has ``complete: True`` once all shards (from all processes) exist.
     """
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -67,11 +80,14 @@ def extract_latents(source, encode_fn: Callable[[np.ndarray], np.ndarray], out_d
     os.makedirs(out_dir, exist_ok=True)
     plan = {"kind": LATENTS_KIND, "image_size": image_size, "records_per_shard": records_per_shard,
             "num_source": n, "num_shards": num_shards, "dtype": dtype, "scale": SD_VAE_SCALE, "complete": False,
-            "layout": "moments[view, h, w, c]: view 0 image, 1 mirrored; c 0-3 mean, 4-7 logvar"}
+            "layout": "moments[view, h, w, c]: view 0 image, 1 mirrored; c 0-3 mean, 4-7 logvar",
+            "condition": condition.kind, **condition.manifest()}
     mpath = os.path.join(out_dir, "manifest.json")
     if os.path.isfile(mpath):
         old = imagenet.read_json(mpath)
-        changed = [k for k in ("kind", "image_size", "records_per_shard", "num_source", "dtype") if old.get(k) != plan[k]]
+        old.setdefault("condition", "label")  # written before captions existed
+        changed = [k for k in ("kind", "image_size", "records_per_shard", "num_source", "dtype", "condition",
+                               *condition.manifest()) if old.get(k) != plan[k]]
         if changed:
             raise ValueError(f"{out_dir} already holds latents made with other settings ({', '.join(changed)}: "
                              f"{[old.get(k) for k in changed]} vs {[plan[k] for k in changed]}). Use an empty out_dir.")
@@ -102,7 +118,8 @@ def extract_latents(source, encode_fn: Callable[[np.ndarray], np.ndarray], out_d
                                  "(4 mean then 4 log-variance channels at 1/8 resolution, NHWC).")
             m = np.stack([m[:batch_size], m[batch_size:]], axis=1)[:len(chunk)].astype(dtype)  # (B, 2, h, w, 8)
             shape = list(m.shape[1:])
-            records += [msgpack.packb({"m": mi.tobytes(), "shape": shape, "label": c[1]}) for mi, c in zip(m, chunk)]
+            records += [msgpack.packb({"m": mi.tobytes(), "shape": shape, **condition.pack(c[1])})
+                        for mi, c in zip(m, chunk)]
         imagenet.write_array_record(os.path.join(out_dir, names[k]), records,
                                     {"records": len(records), "skipped": len(idx) - len(good), "moments_shape": shape})
         bar.update(len(idx))
@@ -122,7 +139,9 @@ def extract_latents(source, encode_fn: Callable[[np.ndarray], np.ndarray], out_d
 
 
 class LatentSource:
-    """Random-access reader of extracted latents: ``src[i] -> {'moments': float32 (2, h, w, 8), 'label': int32}``."""
+    """Random-access reader of extracted latents: ``src[i] -> {'moments': float32 (2, h, w, 8), **condition}`` with
+    condition ``{'label': int32}`` or ``{'caption': float32 (L, C), 'mask': int32 (L,), 'caption_index': int32}``
+    (the manifest's ``condition``); for captions, ``self.captions`` is the set's ``captions.npz``."""
 
     def __init__(self, path: str, image_size: int | None = None):
         import grain.python as grain  # pylint: disable=import-outside-toplevel
@@ -133,14 +152,18 @@ class LatentSource:
             raise ValueError(f"latents in {path} were extracted at {m['image_size']} px but image_size={image_size}; "
                              "extract again at this size or change the config.")
         self.path, self.shape, self.dtype = path, tuple(m["moments_shape"]), np.dtype(m["dtype"])
-        self.manifest = m
+        self.manifest, self.condition = m, m.get("condition", "label")
+        self._unpack = CONDITIONS.get(self.condition).unpack
+        self.captions = captions.read(os.path.join(path, CAPTIONS_FILE)) if self.condition == "caption" else None
         self._base = grain.ArrayRecordDataSource([os.path.join(path, s) for s in m["shards"]])
 
     def __len__(self) -> int:
         return len(self._base)
 
     def __repr__(self) -> str:  # no path: a checkpoint must still restore after the data directory moved
-        return f"LatentSource(len={len(self)}, shape={self.shape}, image_size={self.manifest['image_size']})"
+        # (labels: the repr of before captions existed, which runs started then have in their checkpoints)
+        cond = "" if self.condition == "label" else f", condition={self.condition}"
+        return f"LatentSource(len={len(self)}, shape={self.shape}, image_size={self.manifest['image_size']}{cond})"
 
     def __getitem__(self, i: int) -> dict:
         r = msgpack.unpackb(self._base[i])
@@ -149,7 +172,7 @@ class LatentSource:
                              f"says {list(self.shape)} {self.dtype}: the shards come from different extractions. "
                              "Delete the directory and run --mode extract_latents again.")
         m = np.frombuffer(r["m"], self.dtype).reshape(self.shape).astype(np.float32)
-        return {"moments": m, "label": np.int32(r["label"])}
+        return {"moments": m, **self._unpack(r, self.manifest)}
 
 
 def sample_latents(moments: jax.Array, key: jax.Array, scale: float = SD_VAE_SCALE) -> jax.Array:
@@ -161,17 +184,44 @@ def sample_latents(moments: jax.Array, key: jax.Array, scale: float = SD_VAE_SCA
     return sample_latent(moments.astype(jnp.float32), key) * scale
 
 
+def _label_data(config, out_dir: str):
+    return config.data.image_path, LabelRecords()
+
+
+def _caption_data(config, out_dir: str):
+    """An image folder with captions (data.captioned) and their embeddings; writes captions.npz into out_dir."""
+    d = config.data
+    if not d.caption_embeds:
+        raise FileNotFoundError("a text-conditioned model (model.family=" + str(config.model.family) + ") extracts "
+                                "caption shards: pass --config.data.caption_embeds=FILE.npz, the caption embeddings "
+                                "(text.captions format) whose prompts are the captions of the images")
+    embeds = check_captions(captions.read(d.caption_embeds), config.model, f"caption embeddings {d.caption_embeds}")
+    source = CaptionedImages(d.image_path, embeds, d.caption_file)
+    first = list(dict.fromkeys(source.caption_index.tolist()))[:PREVIEW_CAPTIONS]
+    os.makedirs(out_dir, exist_ok=True)
+    captions.write(os.path.join(out_dir, CAPTIONS_FILE),
+                   captions.make([embeds.prompts[i] for i in first], *embeds.condition(first), *embeds.null()))
+    return source, CaptionRecords(embeds)
+
+
+# the model's condition kind (data.conditions.kind_of) → (source, records) to extract
+EXTRACT_DATA = {"label": _label_data, "caption": _caption_data}
+
+
 def run_extract_mode(config, *, log=print) -> dict:
-    """--mode extract_latents: data.image_path → SD-VAE moments of every image and its mirror in data.path."""
+    """--mode extract_latents: data.image_path → SD-VAE moments of every image and its mirror in data.path, with
+    each image's class label, or, for a text-conditioned model, its caption's tokens (data.caption_file,
+    data.caption_embeds)."""
     from terdit_jax.vae import load_vae
 
     d = config.data
     if not (d.image_path and d.path and d.vae_path):
-        raise FileNotFoundError("extract_latents needs --config.data.image_path (ImageNet train images), "
+        raise FileNotFoundError("extract_latents needs --config.data.image_path (the training images), "
                                 "--config.data.path (where the latent shards go) and --config.data.vae_path")
+    source, records = EXTRACT_DATA[kind_of(config.model)](config, d.path)
     vae = load_vae(d.vae_path, dtype=jnp.dtype(config.model.dtype))
     encode = jax.jit(vae.encode)
     log(f"encoding {d.image_path} at {d.image_size} px into {d.path} (resumable) ...")
-    return extract_latents(d.image_path, lambda x: np.asarray(encode(x)), d.path, image_size=d.image_size,
+    return extract_latents(source, lambda x: np.asarray(encode(x)), d.path, image_size=d.image_size,
                            batch_size=d.extract_batch_size, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+                           process_count=jax.process_count(), condition=records)

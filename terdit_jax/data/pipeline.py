@@ -54,10 +54,11 @@ class CropFlip(grain.RandomMapTransform):
 
 
 class PickView(grain.RandomMapTransform):
-    """Stored moments (2, h, w, 8) = [image, mirror] -> one of them at random: the flip augmentation for latents."""
+    """Stored moments (2, h, w, 8) = [image, mirror] -> one of them at random: the flip augmentation for latents.
+    The condition (label or caption) passes through."""
 
     def random_map(self, element, rng: np.random.Generator):
-        return {"moments": element["moments"][rng.integers(2)], "label": element["label"]}
+        return {**element, "moments": element["moments"][rng.integers(2)]}
 
 
 def _pil(arr: np.ndarray):
@@ -80,7 +81,8 @@ def make_train_iterator(source_kind: str, path: str, *, image_size: int, global_
       workers: grain worker processes (0 = in the main process). Does not change the data or its order.
       read_threads: threads fetching records in each process (grain ReadOptions).
     Yields dicts of numpy arrays, B = global_batch_size // process_count:
-      'image' float32 (B, S, S, 3) in [-1, 1] or 'moments' float32 (B, S/8, S/8, 8); 'label' int32 (B,).
+      'image' float32 (B, S, S, 3) in [-1, 1] or 'moments' float32 (B, S/8, S/8, 8); 'label' int32 (B,), or for
+      caption latents 'caption' float32 (B, L, C), 'mask' int32 (B, L) and 'caption_index' int32 (B,).
     """
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
