@@ -1,0 +1,100 @@
+"""The PixArt family through the project's low-bit paths: TerDiT QAT (with TerDiT's RMSNorm on adaLN-single),
+BitNet, W1.58A8, the packed 2-bit export, and post-training quantization (RTN, PTQ4DiT, TQ-DiT) with caption
+calibration and the deployed integer model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from terdit_jax.config import base_config, finalize
+from terdit_jax.diffusion.gaussian import create_diffusion
+from terdit_jax.models.bitnet import BitLinear
+from terdit_jax.models.families import build
+from terdit_jax.models.ternary import TernaryDense
+
+D, L, H, P, CC, N, LATENT = 32, 2, 2, 2, 16, 5, 8
+LOWBIT_LAYERS = "attn1,attn2,ff_net,adaln_single.linear"
+
+
+def tiny_cfg(**model):
+    c = base_config()
+    c.model.update(family="pixart", name="custom", dim=D, n_layers=L, n_heads=H, patch_size=P, caption_channels=CC,
+                   caption_len=N, dtype="float32", quantized_layers=LOWBIT_LAYERS, **model)
+    c.data.image_size = 8 * LATENT
+    c.diffusion.num_timesteps = 1000
+    return finalize(c)
+
+
+def caption_batch(b, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((b, N), np.float32)
+    mask[0, 3:] = 0  # one caption padded
+    return rng.standard_normal((b, N, CC)).astype(np.float32), mask
+
+
+def randomise(model, seed=0):
+    """Every parameter random (proj_out starts at 0, which would make the output trivial); norm weights near 1."""
+    rng = np.random.default_rng(seed)
+    for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        v = p.get_value()
+        scale = 0.2 if path[-1] != "alpha" else 0.1
+        new = 1 + 0.2 * rng.standard_normal(v.shape) if "norm" in str(path[-2]) else scale * rng.standard_normal(v.shape)
+        p.set_value(jnp.asarray(new, v.dtype))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------ QAT
+
+def test_terdit_adaln_norm_is_an_rmsnorm_of_the_shared_adaln_linear_and_absent_in_full_precision():
+    fp = build(tiny_cfg(linear="fp", adaln_norm=True).model, nnx.Rngs(0))
+    assert fp.adaln_single_norm is None  # diffusers' PixArt: the fp family is unchanged by adaln_norm
+    ter = randomise(build(tiny_cfg(linear="ternary", adaln_norm=True).model, nnx.Rngs(0)))
+    ter.adaln_single_norm.weight.set_value(jnp.ones((6 * D,)))
+    c = np.asarray(ter.condition(jnp.array([3, 500, 990]), caption_batch(3)))
+    rms = np.sqrt(np.mean(c[:, D:].astype(np.float64) ** 2, axis=-1))
+    np.testing.assert_allclose(rms, 1.0, rtol=1e-3)  # RMSNorm output with unit weight: RMS 1 (eps 1e-5 aside)
+    off = build(tiny_cfg(linear="ternary", adaln_norm=False).model, nnx.Rngs(0))
+    assert off.adaln_single_norm is None
+
+
+@pytest.mark.parametrize("linear,act_bits", [("ternary", 16), ("ternary", 8), ("bitnet", 8)])
+def test_lowbit_pixart_builds_and_its_gradient_is_the_finite_difference(linear, act_bits):
+    cfg = tiny_cfg(linear=linear, act_bits=act_bits)
+    model = randomise(build(cfg.model, nnx.Rngs(0)))
+    kind = TernaryDense if linear == "ternary" else BitLinear
+    blk = model.transformer_blocks[1]
+    for lin in (blk.attn1.to_q, blk.attn2.to_k, blk.ff_net_2, model.adaln_single_linear):
+        assert isinstance(lin, kind), type(lin)
+    assert not isinstance(model.caption_projection_linear_1, kind)  # embedders stay full precision (TerDiT)
+    rng = np.random.default_rng(1)
+    x0 = jnp.asarray(rng.standard_normal((3, LATENT, LATENT, 4)), jnp.float32)
+    noise = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+    t = jnp.array([10, 400, 900])
+    y = tuple(map(jnp.asarray, caption_batch(3)))
+    gd, params, rest = nnx.split(model, nnx.Param, ...)
+    diffusion = create_diffusion("", 1000, "eps")
+
+    def loss(p):
+        m = nnx.merge(gd, p, rest)
+        return diffusion.training_losses(lambda x, tt, yy: m(x, tt, yy), x0, t, noise, y)["mse"].mean()  # vb: ε̂ behind stop_gradient
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert np.isfinite(float(value))
+    g = nnx.to_flat_state(grads)
+    flat = {".".join(map(str, k)): v.get_value() for k, v in g}
+    # every quantized layer's latent weight gets a gradient (straight-through estimator)
+    for key in ("transformer_blocks.0.attn2.to_v.kernel", "adaln_single_linear.kernel", "transformer_blocks.1.ff_net_2.kernel"):
+        assert np.abs(np.asarray(flat[key])).max() > 0, key
+    # a full-precision parameter's gradient equals the central difference of the loss (nothing is stepped there)
+    key = "final_layer.scale_shift_table" if act_bits == 8 else "adaln_single_norm.weight"
+    key = key if key in flat else "final_layer.scale_shift_table"
+    direction = jnp.asarray(np.random.default_rng(2).standard_normal(flat[key].shape), jnp.float32)
+    h = 1e-3
+
+    def moved(s):
+        leaves = [(p, v.replace(v.get_value() + s * direction) if ".".join(map(str, p)) == key else v)
+                  for p, v in nnx.to_flat_state(params)]
+        return float(jax.jit(loss)(nnx.from_flat_state(leaves)))
+    fd = (moved(h) - moved(-h)) / (2 * h)
+    analytic = float(jnp.sum(flat[key] * direction))
+    assert abs(fd - analytic) <= 2e-2 * abs(analytic) + 1e-4, (fd, analytic)
