@@ -98,3 +98,33 @@ def test_lowbit_pixart_builds_and_its_gradient_is_the_finite_difference(linear, 
     fd = (moved(h) - moved(-h)) / (2 * h)
     analytic = float(jnp.sum(flat[key] * direction))
     assert abs(fd - analytic) <= 2e-2 * abs(analytic) + 1e-4, (fd, analytic)
+
+
+# --------------------------------------------------------------------------------------------------- packed
+
+@pytest.mark.parametrize("linear,act_bits", [("ternary", 16), ("ternary", 8), ("bitnet", 8)])
+def test_packed_pixart_export_samples_what_the_qat_model_computes(linear, act_bits, tmp_path):
+    from terdit_jax import export
+    from terdit_jax.models import packed as packed_lib
+
+    cfg = tiny_cfg(linear=linear, act_bits=act_bits)
+    model = randomise(build(cfg.model, nnx.Rngs(0)), seed=3)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, LATENT, LATENT, 4)), jnp.float32)
+    t, y = jnp.array([0, 500, 999]), tuple(map(jnp.asarray, caption_batch(3, seed=5)))
+    ref = np.asarray(model(x, t, y))
+    manifest = export.export_packed(cfg, nnx.state(model, nnx.Param), str(tmp_path / "export"))
+    assert manifest["act_bits"] == act_bits and "adaln_single_linear" in manifest["ternary_layers"]
+    apply, params, run_cfg, _ = export.load_packed(str(tmp_path / "export"), {"packed_act_dtype": "f32"}
+                                                   if act_bits == 16 else None)
+    assert run_cfg["packed_act_dtype"] == ("f32" if act_bits == 16 else "int8")
+    merged = nnx.merge(apply.graphdef, params)
+    assert isinstance(merged.transformer_blocks[0].attn2.to_k, packed_lib.PackedTernaryDense)
+    assert merged.adaln_single_norm is not None  # TerDiT's norm (model.adaln_norm) travels with the export
+    out = np.asarray(apply(params, x, t, y))
+    scale = np.abs(ref).max()
+    assert scale > 0.5
+    # W1.58A16: the same float32 products in another order; W1.58A8: the same int32 accumulators (the QAT forward
+    # runs the kernels' arithmetic), so the outputs agree to float round-off in both
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-5 * scale)
+    codes = sum(v.nbytes for k, v in export.trees.flat(params).items() if k.endswith(".packed"))
+    assert codes == manifest["nbytes_packed_codes"]
