@@ -128,3 +128,149 @@ def test_packed_pixart_export_samples_what_the_qat_model_computes(linear, act_bi
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-5 * scale)
     codes = sum(v.nbytes for k, v in export.trees.flat(params).items() if k.endswith(".packed"))
     assert codes == manifest["nbytes_packed_codes"]
+
+
+# ------------------------------------------------------------------------------------------------------ PTQ
+
+PROMPTS = 3
+QUIET = dict(log=lambda *_: None)
+
+
+def pixel_pixart(**model):
+    """A 2-block full-precision PixArt on 8×8×1 pixels (16 tokens of width 32), float32, captions of 5 × 16; v-prediction,
+    so that the random model's DDIM trajectories stay bounded (x̂0 = sqrt(ᾱ)·x − sqrt(1 − ᾱ)·v̂ does not divide by
+    sqrt(ᾱ) as an ε-model's does), as a trained model's do."""
+    c = base_config()
+    c.model.update(family="pixart", name="custom", dim=D, n_layers=L, n_heads=H, patch_size=P, caption_channels=CC,
+                   caption_len=N, in_channels=1, dtype="float32", linear="fp", prediction="v", **model)
+    c.data.update(kind="digits", image_size=8, latent=False)
+    c.sample.num_steps, c.sample.sampler, c.sample.batch_size = 4, "ddim", 8
+    c.quant.update(calib_steps=2, calib_latents=4, recon_iters=5, recon_batch_size=8, time_groups=2)
+    return finalize(c)
+
+
+@pytest.fixture(scope="module")
+def pixart_run(tmp_path_factory):
+    """A workdir with random full-precision PixArt weights and a caption-embeddings file of 3 random prompts."""
+    import os
+
+    from terdit_jax.checkpoint import Checkpoints
+    from terdit_jax.model_fn import init_model
+    from terdit_jax.text import captions
+
+    root = tmp_path_factory.mktemp("pixart_ptq")
+    rng = np.random.default_rng(0)
+    mask = np.ones((PROMPTS, N), np.int32)
+    mask[0, 2:], mask[1, 4:] = 0, 0
+    null_mask = np.zeros(N, np.int32)
+    null_mask[0] = 1  # the empty prompt: its end-of-sequence token only
+    caps = captions.make([f"prompt {i}" for i in range(PROMPTS)], rng.standard_normal((PROMPTS, N, CC)), mask,
+                         rng.standard_normal((N, CC)), null_mask)
+    path = str(root / "calib_prompts.npz")
+    captions.write(path, caps)
+    config = pixel_pixart()
+    config.quant.calib_prompts = path
+    _, params = init_model(config.model, 0)
+    leaves = [(p, v.replace(jnp.asarray(0.15 * rng.standard_normal(v.get_value().shape), v.get_value().dtype)))
+              for p, v in nnx.to_flat_state(params)]
+    workdir = str(root / "fp")
+    ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt.save_weights(0, nnx.from_flat_state(leaves), config.model, {"kind": "test"})
+    ckpt.close()
+    return config, workdir, caps
+
+
+def _quantized(pixart_run, method, w_bits, a_bits=8):
+    import os
+
+    from terdit_jax.ptq import checkpoint as qckpt
+    from terdit_jax.ptq.run import run_quantize_mode
+
+    config, workdir, _ = pixart_run
+    c = config.copy_and_resolve_references()
+    c.quant.update(method=method, w_bits=w_bits, a_bits=a_bits)
+    name = f"{method}_w{w_bits}a{a_bits}"
+    if not os.path.exists(qckpt.model_dir(workdir, name)):
+        run_quantize_mode(c, workdir, **QUIET)
+    c.sample.quantized = name
+    return c, qckpt.model_dir(workdir, name)
+
+
+def _cfg_batch(caps):
+    """Two prompts and their unconditional copies (the empty caption), timesteps in both TQ-DiT time groups."""
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 8, 8, 1)), jnp.float32)
+    t = jnp.array([3, 999])
+    cond = caps.condition([0, 2])
+    null = tuple(np.broadcast_to(a, (2,) + a.shape) for a in caps.null())
+    y = tuple(jnp.asarray(np.concatenate([a, b]), jnp.float32) for a, b in zip(cond, null))
+    return jnp.concatenate([x, x]), jnp.concatenate([t, t]), y
+
+
+def test_calibration_samples_caption_conditions_with_the_empty_caption_as_null(pixart_run):
+    import glob
+    import os
+
+    from terdit_jax.ptq.calibration import CalibSet, CalibrationError, conditions
+
+    config, workdir, caps = pixart_run
+    _quantized(pixart_run, "rtn", 8)
+    (path,) = glob.glob(os.path.join(workdir, "quantized", "calibration_*.npz"))
+    calib = CalibSet.load(path)
+    np.testing.assert_array_equal(calib.table[0], np.concatenate([caps.caption, caps.null_caption[None]]))
+    groups = calib.y.reshape(-1, 4)  # [p, p, null, null]: two latents of one prompt, then their CFG copies
+    assert (groups[:, 2:] == PROMPTS).all() and (groups[:, 0] == groups[:, 1]).all() and (groups[:, 0] < PROMPTS).all()
+    x = calib.x.reshape(-1, 4, *calib.x.shape[1:])
+    np.testing.assert_array_equal(x[:, :2], x[:, 2:])  # a CFG pair shares its x_t
+    assert calib.fingerprint["prompts"] == conditions(config).digest
+    bad = config.copy_and_resolve_references()
+    bad.quant.calib_prompts = ""
+    with pytest.raises(CalibrationError, match="calib_prompts"):
+        conditions(bad)
+
+
+@pytest.mark.parametrize("method,w_bits", [("rtn", 8), ("ptq4dit", 8), ("tqdit", 4)])
+def test_quantized_pixart_deploys_to_integer_linears_equal_to_the_fake_quantized_ones(pixart_run, tmp_path, method,
+                                                                                      w_bits):
+    import glob
+    import os
+
+    from terdit_jax.checkpoint import load_ema
+    from terdit_jax.export import load_packed
+    from terdit_jax.ptq.calibration import CalibSet
+    from terdit_jax.model_fn import init_model
+    from terdit_jax.models.integer import IntDense
+    from terdit_jax.ptq import checkpoint as qckpt
+    from terdit_jax.ptq.common import module_at
+    from terdit_jax.ptq.deploy import export_deployed
+
+    config, workdir, caps = pixart_run
+    c, qdir = _quantized(pixart_run, method, w_bits)
+    manifest = export_deployed(c, workdir, str(tmp_path / "dep"), **QUIET)
+    # RTN/PTQ4DiT: every linear (10 per block, embedder, t-MLP 2, adaLN-single, caption projection 2, final);
+    # TQ-DiT: the blocks' linears and the final layer (its embedder is weight-only, the conditioning full precision)
+    want_int = 2 * 10 + 7 if method != "tqdit" else 2 * 10 + 1
+    assert manifest["compute"]["integer_linears"] == want_int, manifest["compute"]
+    qapply, qstate, _, _ = qckpt.load_quantized(qdir)
+    dapply, dstate, _, _ = load_packed(manifest["path"])
+    qmodel, dmodel = nnx.merge(qapply.graphdef, qstate), nnx.merge(dapply.graphdef, dstate)
+    x, t, y = _cfg_batch(caps)
+    rng = np.random.default_rng(2)
+    checked = 0
+    for path, lin in ((".".join(map(str, p)), m) for p, m in nnx.iter_modules(dmodel) if isinstance(m, IntDense)):
+        h = jnp.asarray(rng.standard_normal((len(t), 3, lin.k)), jnp.float32)
+        want = np.asarray(module_at(qmodel, path)(h, t))  # the fake-quantized linear with its own input site
+        got = np.asarray(lin(h, t))
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), path
+        checked += 1
+    assert checked >= want_int
+    calib = CalibSet.load(glob.glob(os.path.join(workdir, "quantized", "calibration_*.npz"))[0])
+    x, t, y = calib.x, calib.t, tuple(jnp.asarray(a[calib.y]) for a in calib.table)  # the FP trajectories' inputs
+    fake = np.asarray(jax.jit(qapply)(qstate, x, t, y))
+    deployed = np.asarray(jax.jit(dapply)(dstate, x, t, y))
+    fp_apply, _ = init_model(config.model, 0)
+    _, fp_params, _ = load_ema(config, workdir)
+    fp = np.asarray(fp_apply(fp_params, x, t, y))
+    err = np.linalg.norm(fake - fp) / np.linalg.norm(fp)
+    assert 0 < err < (0.05 if w_bits == 8 else 0.3), err  # W8A8 is close to full precision
+    # the whole forward: equal up to activations within round-off of a later rounding boundary (tests/test_deploy.py)
+    assert np.linalg.norm(deployed - fake) <= 0.05 * np.linalg.norm(fake - fp)
