@@ -145,12 +145,13 @@ def pixel_pixart(**model):
                    caption_len=N, in_channels=1, dtype="float32", linear="fp", prediction="v", **model)
     c.data.update(kind="digits", image_size=8, latent=False)
     c.sample.num_steps, c.sample.sampler, c.sample.batch_size = 4, "ddim", 8
-    c.quant.update(calib_steps=2, calib_latents=4, recon_iters=5, recon_batch_size=8, time_groups=2)
+    c.quant.update(calib_steps=2, calib_latents=4, recon_iters=3, recon_batch_size=8, time_groups=2, alpha_grid=11,
+                   search_rounds=1, ho_batch_size=8)  # seconds-scale settings
     return finalize(c)
 
 
 @pytest.fixture(scope="module")
-def pixart_run(tmp_path_factory):
+def pixart_run(xla_cache, tmp_path_factory):
     """A workdir with random full-precision PixArt weights and a caption-embeddings file of 3 random prompts."""
     import os
 
