@@ -178,6 +178,7 @@ def base_config() -> ml_collections.ConfigDict:
     q.calib_seed = 1
     q.softmax_bits = 8  # RTN / PTQ4DiT: bits of the softmax probabilities (the official sm_abit: 8 whatever A is)
     q.calib_path = ""  # a calibration set file to use; "" = <workdir>/quantized/calibration_<id>.npz (made once)
+    q.calib_prompts = ""  # text families (pixart): the caption-embeddings .npz (text/captions.py) calibration samples
     # PTQ4DiT
     q.init = "mse"  # quantizer initialisation: "mse" (percentile-MSE search, p ∈ {0.999, 0.9999, 0.99999}) or "minmax"
     q.csb = True  # channel-wise salience balancing (+ SSC) on qkv, proj, fc1 (wq/wk/wv, wo, w1/w3 for Large-DiT)

@@ -44,7 +44,7 @@ from terdit_jax.labels import LABEL_ORDERS
 from terdit_jax.model_fn import ApplyDiT, split_packed
 from terdit_jax.models import packed as packed_lib
 from terdit_jax.models.bitnet import bitnet_gamma
-from terdit_jax.models.families import abstract
+from terdit_jax.models.families import abstract, family_of
 from terdit_jax.models.linears import PACKABLE_KINDS
 from terdit_jax.models.ternary import ACT_BITS, absmean_ternary
 
@@ -289,7 +289,8 @@ def load_packed(path: str, runtime=None, *, fuse_adaln: bool = True):
     samplers). The architecture comes from the manifest; the compute settings (`model.dtype`,
     `model.packed_act_dtype`, `model.packed_backend`) from `runtime` (a model config or a dict of those fields;
     default: the manifest's), the activation dtype checked against the export's (`packed_act_dtype_for`; the
-    returned config holds the one used). fuse_adaln computes all blocks' adaLN in one matmul (ternary exports).
+    returned config holds the one used). fuse_adaln computes all blocks' adaLN in one matmul (ternary exports of a
+    family with per-block adaLN linears; PixArt's adaLN-single is one shared linear already, `Family.stacked_adaln`).
     """
     path = os.path.abspath(path)
     manifest = read_manifest(path)
@@ -305,7 +306,7 @@ def load_packed(path: str, runtime=None, *, fuse_adaln: bool = True):
     cfg.packed_act_dtype = act_dtype
     model = nnx.merge(*_restore(path, abstract_packed(cfg)))
     packed_lib.configure_packed(model, *packed_lib.packed_settings(cfg))
-    apply, params = split_packed(model, fuse=fuse_adaln)
+    apply, params = split_packed(model, fuse=fuse_adaln and family_of(cfg).stacked_adaln)
     return apply, params, cfg.to_dict(), manifest
 
 

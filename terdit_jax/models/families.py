@@ -28,6 +28,8 @@ class Family:
     fixed_params: parameters that are not trained but count in the published size (a fixed position table).
     importer: the module whose `python -m` imports the officially released weights.
     check: returns an error message for a config this family cannot build, or None.
+    stacked_adaln: each block has its own adaLN linear of silu(c), which a packed deployment stacks into one matmul
+    per step (`models.packed.fuse_adaln`); False for adaLN-single, one shared linear that runs once per step anyway.
     """
     module: type
     presets: dict[str, dict]
@@ -36,6 +38,7 @@ class Family:
     fixed_params: Callable[[object], int] = lambda cfg: 0
     importer: str = ""
     check: Callable[[object], str | None] = lambda cfg: None
+    stacked_adaln: bool = True
 
 
 def _large_dit_check(cfg) -> str | None:
@@ -68,7 +71,8 @@ FAMILIES: Registry[Family] = Registry("model family", {
         cond_dim=lambda d: 7 * d,  # [embedded t | the shared adaLN-single output]
         unused_fields=pixart.UNUSED_FIELDS,
         fixed_params=lambda cfg: (int(cfg.input_size) // int(cfg.patch_size)) ** 2 * int(cfg.dim),
-        check=pixart.check),
+        check=pixart.check,
+        stacked_adaln=False),
 })
 
 

@@ -188,7 +188,7 @@ def fuse_adaln(model: nnx.Module) -> nnx.Module:
     `model_fn.PackedApply` does); the stacked weights are the only copy.
     """
     blocks = list(model.block_list())
-    lins = [b.adaLN_modulation for b in blocks]
+    lins = [getattr(b, "adaLN_modulation", None) for b in blocks]  # adaLN-single (PixArt) has none per block
     if not lins or not all(isinstance(m, PackedTernaryDense) for m in lins):
         raise ValueError("fuse_adaln needs a DiT whose block adaLN linears are packed (model.linear='packed' "
                          "with 'adaLN_modulation' in model.quantized_layers)")

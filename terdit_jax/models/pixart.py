@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from terdit_jax.models.backbone import Context, DiffusionTransformer, modulate, patchify, unpatchify
-from terdit_jax.models.layers import LayerNorm, attention_sites, quantize_qkv, site_attention, timestep_features
-from terdit_jax.models.linears import make_linear
+from terdit_jax.models.layers import LayerNorm, RMSNorm, attention_sites, quantize_qkv, site_attention, timestep_features
+from terdit_jax.models.linears import layer_kind, make_linear
 from terdit_jax.models.ternary import normal_init, xavier_uniform, zeros_init
 from terdit_jax.quant.sites import make_site, quantize, sites_of
 
@@ -31,8 +31,8 @@ from terdit_jax.quant.sites import make_site, quantize, sites_of
 PRESETS = {"PixArt-XL/2": dict(dim=1152, n_layers=28, n_heads=16, patch_size=2)}
 # model fields only this family reads (left out of the other families' checkpoint signatures)
 OWN_FIELDS = ("caption_channels", "caption_len", "pe_interpolation")
-UNUSED_FIELDS = ("multiple_of", "ffn_dim_multiplier", "norm_eps", "qk_norm", "rope_theta", "pos_embed",
-                 "adaln_norm", "pre_norms", "num_classes", "class_dropout_prob")
+UNUSED_FIELDS = ("multiple_of", "ffn_dim_multiplier", "qk_norm", "rope_theta", "pos_embed", "pre_norms",
+                 "num_classes", "class_dropout_prob")
 NORM_EPS = 1e-6
 
 
@@ -42,6 +42,13 @@ def check(cfg) -> str | None:
     if cfg.get("caption_channels", 0) < 1 or cfg.get("caption_len", 0) < 1:
         return "model.caption_channels and model.caption_len must be positive for the pixart family"
     return None
+
+
+def adaln_norm(cfg) -> bool:
+    """Whether adaLN-single's linear is followed by TerDiT's RMSNorm: `model.adaln_norm` and that linear low-bit
+    (not "fp"). TerDiT (Lu et al. 2024, §3.2) adds the norm because a ternary adaLN linear's outputs are large;
+    the full-precision PixArt (diffusers' model, its released weights) has none, whatever adaln_norm says."""
+    return bool(cfg.get("adaln_norm", False)) and layer_kind("adaln_single.linear", cfg) != "fp"
 
 
 def interpolation_scale(cfg) -> float:
@@ -177,6 +184,8 @@ class PixArt(DiffusionTransformer):
         self.adaln_single_emb_timestep_embedder_linear_2 = _lin(
             cfg, "adaln_single.emb.timestep_embedder.linear_2", d, d, ("embed", None), dtype, rngs, init)
         self.adaln_single_linear = _lin(cfg, "adaln_single.linear", d, 6 * d, ("embed", "adaln"), dtype, rngs, init)
+        # TerDiT's RMSNorm over the whole 6D output of the (shared) adaLN linear, before each block adds its table
+        self.adaln_single_norm = RMSNorm(6 * d, eps=cfg.norm_eps, axis_name="adaln") if adaln_norm(cfg) else None
         self.caption_projection_linear_1 = _lin(cfg, "caption_projection.linear_1", cfg.caption_channels, d,
                                                 (None, "embed"), dtype, rngs, init)
         self.caption_projection_linear_2 = _lin(cfg, "caption_projection.linear_2", d, d, ("embed", None), dtype,
@@ -189,10 +198,16 @@ class PixArt(DiffusionTransformer):
         return list(self.transformer_blocks)
 
     def condition(self, t: jax.Array, y, drop_key=None) -> jax.Array:
-        """c = [embedded_t | adaln_single.linear(SiLU(embedded_t))] (B, 7D) float32."""
+        """c = [embedded_t | adaln_single.linear(SiLU(embedded_t))] (B, 7D) float32 (the second part through
+        TerDiT's RMSNorm where `adaln_norm(cfg)`)."""
         e = self.adaln_single_emb_timestep_embedder_linear_2(
             jax.nn.silu(self.adaln_single_emb_timestep_embedder_linear_1(timestep_features(t), t)), t)
-        return jnp.concatenate([e, self.adaln_single_linear(jax.nn.silu(e), t)], -1).astype(jnp.float32)
+        return jnp.concatenate([e, self.modulation(e, t)], -1).astype(jnp.float32)
+
+    def modulation(self, e: jax.Array, t=None) -> jax.Array:
+        """The shared adaLN-single output (B, 6D) from the embedded timestep e (B, D)."""
+        mod = self.adaln_single_linear(jax.nn.silu(e), t)
+        return mod if self.adaln_single_norm is None else self.adaln_single_norm(mod)
 
     def caption(self, y, t) -> tuple[jax.Array, jax.Array]:
         """(caption (B, N, Cc), mask (B, N)) → (projected tokens (B, N, D), mask)."""

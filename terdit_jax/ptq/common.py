@@ -25,12 +25,27 @@ class QuantizeError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Cross:
+    """A block's cross-attention (PixArt's attn2): q reads the image tokens, k and v the caption tokens (the same
+    for every sampling step of one prompt), out projects back. Each linear quantizes its own input."""
+    q: tuple[str, ...]
+    kv: tuple[str, ...]
+    out: tuple[str, ...]
+    attention: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Roles:
     """Role names (paths inside a block) of one family's layers.
     attn_in: the linears reading the attention input (fused qkv, or wq/wk/wv); attn_out: the output projection;
     mlp_in: the linears reading the FFN input; mlp_out: the FFN's last linear (its input is the FFN hidden);
     attention / ffn: the attention and FFN modules; adaln: the block's adaLN linear; attn_input / ffn_input: the
-    one site of the input attn_in / mlp_in share (a deployed kernel quantizes a shared input once)."""
+    one site of the input attn_in / mlp_in share (a deployed kernel quantizes a shared input once; "" where the
+    family has no shared site and each linear quantizes its own input: PixArt).
+    cross: the cross-attention, or None; block: the regex of a block prefix in site paths; gelu: the FFN hidden
+    is post-GELU (TQ-DiT's two-region quantizer); embedder / final: the module paths of the patch embedding and the
+    last linear; site_names: (module path, the path its sites are built with) where the two differ (PixArt names its
+    head linears as diffusers' state dict: module pos_embed_proj, sites pos_embed.proj.*)."""
     attn_in: tuple[str, ...]
     attn_out: tuple[str, ...]
     mlp_in: tuple[str, ...]
@@ -40,14 +55,55 @@ class Roles:
     attn_input: str
     ffn_input: str
     adaln: str = "adaLN_modulation"
+    cross: Cross | None = None
+    block: str = r"(?:layers|blocks)\.\d+\."
+    gelu: bool = False
+    embedder: str = "x_embedder"
+    final: str = "final_layer.linear"
+    site_names: tuple[tuple[str, str], ...] = ()
+
+    def rule_path(self, path: str) -> str:
+        """A site's path as site rules match it, from its path in the module tree (`quant.sites.sites_of`)."""
+        for tree, built in self.site_names:
+            if path.startswith(tree + "."):
+                return built + path[len(tree):]
+        return path
 
     def input_of(self, group: tuple[str, ...]) -> str:
-        """The input site role of a group of linears that read one tensor (attn_in, attn_out or mlp_in)."""
-        return {self.attn_in: self.attn_input, self.mlp_in: self.ffn_input}.get(group, f"{group[0]}.input")
+        """The input site role of a group of linears that read one tensor through one site (attn_out, mlp_out,
+        or attn_in / mlp_in where the family shares their input site)."""
+        return {self.attn_in: self.attn_input, self.mlp_in: self.ffn_input}.get(group) or f"{group[0]}.input"
+
+    def split(self, group: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+        """(input site, linears) of a group: one pair with a shared site, else one per linear (its own input)."""
+        shared = {self.attn_in: self.attn_input, self.mlp_in: self.ffn_input}.get(group)
+        return [(self.input_of(group), group)] if shared or len(group) == 1 else [(f"{r}.input", (r,)) for r in group]
+
+    def attentions(self) -> list[tuple[str, list, tuple[str, ...]]]:
+        """(attention module, its input (site, linears) pairs, its output projection) per attention of a block."""
+        out = [(self.attention, self.split(self.attn_in), self.attn_out)]
+        if self.cross is not None:
+            c = self.cross
+            out.append((c.attention, self.split(c.q) + self.split(c.kv), c.out))
+        return out
+
+    def csb_groups(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(input site, linears) of the groups CSB balances: qkv, proj and fc1 of every attention (Large-DiT:
+        wq/wk/wv, wo, w1/w3; PixArt: each of to_q, to_k, to_v, to_out_0 of attn1 and attn2, and ff_net_0_proj)."""
+        pairs = [p for _, ins, out in self.attentions() for p in ins + self.split(out)]
+        return pairs + self.split(self.mlp_in)
+
+    def input_sites(self) -> tuple[str, ...]:
+        """Every input site role the block's linears read through (shared ones once)."""
+        return tuple(dict.fromkeys([s for s, _ in self.csb_groups()] + [self.input_of(self.mlp_out)]))
+
+    def linears(self) -> tuple[str, ...]:
+        return tuple(r for _, lins in self.csb_groups() for r in lins) + self.mlp_out
 
     def shadowed_inputs(self) -> tuple[str, ...]:
         """The linears' own input sites that a shared input site stands for (left unquantized)."""
-        return tuple(f"{r}.input" for g in (self.attn_in, self.mlp_in) for r in g if self.input_of(g) != f"{r}.input")
+        return tuple(f"{r}.input" for g in (self.attn_in, self.mlp_in) for site, lins in self.split(g) for r in lins
+                     if site != f"{r}.input")
 
 
 ROLES = {
@@ -55,9 +111,24 @@ ROLES = {
                        ("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",), "attention", "feed_forward",
                        "attention.input", "feed_forward.input"),
     "dit": Roles(("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",), "attn", "mlp", "attn.qkv.input",
-                 "mlp.fc1.input"),
+                 "mlp.fc1.input", gelu=True),
+    # PixArt: self-attention attn1, cross-attention attn2 (q from the image tokens, k and v from the caption
+    # tokens), GELU FFN; adaLN-single and the caption projection are head linears (condition / caption units).
+    "pixart": Roles(("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn1.to_out_0",), ("ff_net_0_proj",),
+                    ("ff_net_2",), "attn1", "ff", "", "ff_net_0_proj.input", adaln="adaln_single.linear",
+                    cross=Cross(("attn2.to_q",), ("attn2.to_k", "attn2.to_v"), ("attn2.to_out_0",), "attn2"),
+                    block=r"transformer_blocks\.\d+\.", gelu=True, embedder="pos_embed_proj",
+                    final="final_layer.proj_out",
+                    site_names=(("pos_embed_proj", "pos_embed.proj"), ("final_layer.proj_out", "proj_out"),
+                                ("adaln_single_emb_timestep_embedder_linear_1",
+                                 "adaln_single.emb.timestep_embedder.linear_1"),
+                                ("adaln_single_emb_timestep_embedder_linear_2",
+                                 "adaln_single.emb.timestep_embedder.linear_2"),
+                                ("adaln_single_linear", "adaln_single.linear"),
+                                ("caption_projection_linear_1", "caption_projection.linear_1"),
+                                ("caption_projection_linear_2", "caption_projection.linear_2"))),
 }
-BLOCK = r"(?:layers|blocks)\.\d+\."  # the block prefix of a site path
+BLOCK = Roles.block  # the block prefix of a site path of the class-conditional families
 
 
 def roles(model_cfg) -> Roles:
@@ -125,24 +196,24 @@ def uniform_rules(model_cfg, w_bits: int, a_bits: int, *, init: str, smooth_inpu
     activations in full precision (CSB's layers keep only the division)."""
     rules = [{"path": r".*\.weight", "kind": "uniform", "bits": w_bits, "granularity": "channel", "axis": -1,
               "init": init}]
-    quant_acts = a_bits < 16
-    rules += [{"path": BLOCK + re.escape(r), "kind": "none"} for r in roles(model_cfg).shadowed_inputs()]
+    quant_acts, block = a_bits < 16, roles(model_cfg).block
+    rules += [{"path": block + re.escape(r), "kind": "none"} for r in roles(model_cfg).shadowed_inputs()]
     for role in smooth_inputs:
-        path = BLOCK + re.escape(role)
+        path = block + re.escape(role)
         rules.append({"path": path, "kind": "uniform", "bits": a_bits, "init": init, "smooth": True}
                      if quant_acts else {"path": path, "kind": "smooth"})
     if quant_acts:
         rules += [{"path": r".*\.input", "kind": "uniform", "bits": a_bits, "init": init},
-                  {"path": BLOCK + r".*\.(q|k|v)", "kind": "uniform", "bits": a_bits, "init": init}]
+                  {"path": block + r".*\.(q|k|v)", "kind": "uniform", "bits": a_bits, "init": init}]
         if softmax_bits < 16:
-            rules.append({"path": BLOCK + r".*\.probs", "kind": "uniform", "bits": softmax_bits, "init": init,
+            rules.append({"path": block + r".*\.probs", "kind": "uniform", "bits": softmax_bits, "init": init,
                           "zero_point": False})
     return tuple(rules)
 
 
 def csb_inputs(r: Roles) -> tuple[str, ...]:
     """The input sites CSB balances: those of qkv, proj and fc1 (Large-DiT: wq/wk/wv's, wo's, w1/w3's)."""
-    return tuple(r.input_of(g) for g in (r.attn_in, r.attn_out, r.mlp_in))
+    return tuple(site for site, _ in r.csb_groups())
 
 
 def observer_rules(rules) -> tuple:
@@ -193,7 +264,7 @@ def calib_carry(calib, idx=None) -> Carry:
     """The carry of calibration entries `idx` (all by default) before the first unit."""
     idx = np.arange(len(calib)) if idx is None else idx
     x, t, y = calib.batch(idx)
-    return Carry(x=x, t=t, y=y)
+    return Carry(x=x, t=t, y=y, table=calib.table)
 
 
 def deployed_bytes(model, w_bits: int) -> int:

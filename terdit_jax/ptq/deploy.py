@@ -28,7 +28,7 @@ from terdit_jax import trees
 from terdit_jax.export import ExportError, check_free, write_export
 from terdit_jax.models.integer import IntDense, container_bits, weight_codes
 from terdit_jax.ptq import checkpoint as qckpt
-from terdit_jax.ptq.common import BLOCK, host_model, module_at, roles, set_values, values_of, with_sites
+from terdit_jax.ptq.common import host_model, module_at, roles, set_values, values_of, with_sites
 from terdit_jax.quant.integer import ENCODERS, integer_operand
 
 DEPLOYED_DIR = "deployed"
@@ -38,7 +38,8 @@ CODED_SITES = tuple(kind for kind, _ in ENCODERS)  # site kinds that quantize (o
 def shared_inputs(model_cfg) -> dict[str, str]:
     """{linear role: the shared input site role it reads} ('attention.wq' → 'attention.input') of the family."""
     r = roles(model_cfg)
-    return {lin: r.input_of(g) for g in (r.attn_in, r.mlp_in) for lin in g if r.input_of(g) != f"{lin}.input"}
+    return {lin: site for g in (r.attn_in, r.mlp_in) for site, lins in r.split(g) for lin in lins
+            if site != f"{lin}.input"}
 
 
 def deployed_config(model_cfg):
@@ -50,8 +51,8 @@ def deployed_config(model_cfg):
         example = ("blocks.0." if model_cfg.get("family", "large_dit") == "dit" else "layers.0.") + shared
         rule = next((r for r in rules if re.fullmatch(r["path"], example)), None)
         if rule is not None and rule["kind"] != "none":
-            moved.append({**rule, "path": BLOCK + re.escape(f"{lin}.input")})
-            moved.append({"path": BLOCK + re.escape(shared), "kind": "none"})
+            moved.append({**rule, "path": roles(model_cfg).block + re.escape(f"{lin}.input")})
+            moved.append({"path": roles(model_cfg).block + re.escape(shared), "kind": "none"})
     cfg = with_sites(model_cfg, list({r["path"]: r for r in moved}.values()) + rules)
     cfg.deployed = True
     return cfg

@@ -2,7 +2,8 @@
 
 Stages, in the order of the official quant_sample.py:
 1. CSB with SSC (§2.4–2.5) on the layers the paper names: qkv, proj, fc1 (Large-DiT: wq/wk/wv with one factor,
-   wo, w1/w3 with one factor). Salience s(X_j) = max |X_{·,j}| from a full-precision pass over the statistics
+   wo, w1/w3 with one factor; PixArt: to_q, to_k, to_v and to_out_0 of self- and cross-attention and ff_net_0_proj,
+   each with its own factor, as each quantizes its own input). Salience s(X_j) = max |X_{·,j}| from a full-precision pass over the statistics
    subset, s(W_j) = max over outputs of |W_{j,·}|; SSC weights η = softmax(−ρ) of the Spearman correlations ρ
    between s(X) and s(W) per time step (the paper; `quant.ssc="sample"`: per calibration sample as the code);
    f = sqrt(s_ρ(X)/(s(W) + 1e-8)); the weight rows are multiplied by f and the activation divided by f before its
@@ -55,8 +56,8 @@ def balance_factor(s_x: np.ndarray, t: np.ndarray, s_w: np.ndarray, mode: str) -
 
 def csb_groups(model, roles: ptq.Roles) -> list[tuple[str, tuple[str, ...]]]:
     """Per block, (input site, the linears reading it): the linears of a group share one balancing factor."""
-    return [(f"{b}.{roles.input_of(group)}", tuple(f"{b}.{r}" for r in group)) for b in ptq.block_prefixes(model)
-            for group in (roles.attn_in, roles.attn_out, roles.mlp_in)]
+    return [(f"{b}.{site}", tuple(f"{b}.{r}" for r in group)) for b in ptq.block_prefixes(model)
+            for site, group in roles.csb_groups()]
 
 
 def salience(fp_cfg, fp_values: dict, calib, groups, *, log=print, batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -140,6 +141,10 @@ def quantize(job) -> dict:
     q, fp_cfg = job.config.quant, job.fp_cfg
     roles = ptq.roles(fp_cfg)
     family = fp_cfg.get("family", "large_dit")
+    if q.reparam and q.csb and (roles.cross is not None or not roles.attn_input):
+        raise ptq.QuantizeError(f"config.quant.reparam: the fold is written for one attention with a shared input "
+                                f"site (Large-DiT, DiT), not the {family!r} family; leave quant.reparam=False (the "
+                                "balancing stays inside the input quantizers, exactly as the fold would compute)")
     smooth = ptq.csb_inputs(roles) if q.csb else ()
     q_cfg = ptq.with_sites(fp_cfg, ptq.uniform_rules(fp_cfg, q.w_bits, q.a_bits, init=q.init, smooth_inputs=smooth,
                                                      softmax_bits=int(q.softmax_bits)))
@@ -188,7 +193,7 @@ def reconstruct_all(job, model, done: int) -> list[dict]:
         carry_fp_next = advance(fp, unit, carry_fp)
         if i >= done:
             job.log(f"reconstruction: unit {i + 1} of {len(units)} ({unit.name})")
-            for part in unit.parts() if q.t_mlp == "layers" else [unit]:
+            for part in unit.parts(model) if q.t_mlp == "layers" else [unit]:
                 t0 = time.perf_counter()
                 own = PARTS.get(part.part) is not None  # a linear judged at its own output
                 target = run_unit(fp, part, carry_fp) if own else target_of(unit, carry_fp_next)

@@ -74,7 +74,9 @@ def _optimizer(train, s: ReconSettings):
 
 def summed_size(unit: Unit, carry_q, target: np.ndarray) -> int:
     """The size of the axis the official lp_loss sums over (axis 1 of the official layout of the unit's output):
-    channels for the embedder and the t-MLP, tokens for a block and the final layer."""
+    channels for the embedder and the t-MLP, tokens for a block, the final layer and PixArt's caption projection."""
+    if unit.kind == "caption":  # (B, N, D) caption tokens, laid out as a block's tokens
+        return int(target.shape[1])
     return int(target.shape[-1]) if unit.kind in ("embed", "condition") else int(carry_q.tokens.shape[1])
 
 
@@ -121,7 +123,7 @@ def reconstruct(model, unit: Unit, carry_q, target: np.ndarray, groups: np.ndarr
         train, rest = to_device(train), to_device(rest)
         opt = _optimizer(train, settings).init(train)
         rng = np.random.default_rng(settings.seed)
-        per_entry = sum(a[:1].nbytes for a in unit_inputs(unit, carry_q, slice(None))) + target[:1].nbytes
+        per_entry = sum(a.nbytes for a in jax.tree.leaves(unit_inputs(unit, carry_q, np.arange(1)))) + target[:1].nbytes
         per_chunk = max(1, min(len(groups), settings.chunk_bytes // max(1, 4 * per_entry)))
         order = rng.permutation(len(groups))
         chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]

@@ -193,7 +193,8 @@ def weights_id(values: dict) -> str:
 def settings_of(config) -> dict:
     """The request a quantized model (and a resume point) belongs to: the quant section and the sampler."""
     s = config.sample
-    return json.loads(json.dumps({"quant": config.quant.to_dict(), "sampler": s.sampler, "num_steps": s.num_steps,
+    quant = {k: v for k, v in config.quant.to_dict().items() if v or k != "calib_prompts"}  # older runs lack it
+    return json.loads(json.dumps({"quant": quant, "sampler": s.sampler, "num_steps": s.num_steps,
                                   "cfg_channels": s.cfg_channels}))
 
 

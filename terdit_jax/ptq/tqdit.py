@@ -101,21 +101,28 @@ def _linears(names: tuple[str, ...], input_role: str, quantize_a: bool = True) -
 
 
 def block_layers(roles: ptq.Roles) -> list[Layer]:
-    att = roles.attention
-    return [_linears(roles.attn_in, roles.attn_input),
-            Layer("qk", f"{att}.q", (f"{att}.k",), (f"{att}.scores",)),
-            Layer("pv", f"{att}.probs", (f"{att}.v",), (roles.input_of(roles.attn_out),)),
-            _linears(roles.attn_out, roles.input_of(roles.attn_out)),
-            _linears(roles.mlp_in, roles.ffn_input),
-            _linears(roles.mlp_out, roles.input_of(roles.mlp_out))]
+    """Per attention (PixArt: self- then cross-attention) its input linears, q·kᵀ, softmax·V and output projection,
+    then the FFN's two linears."""
+    layers = []
+    for att, inputs, out in roles.attentions():
+        layers += [_linears(group, site) for site, group in inputs]
+        layers += [Layer("qk", f"{att}.q", (f"{att}.k",), (f"{att}.scores",)),
+                   Layer("pv", f"{att}.probs", (f"{att}.v",), (roles.input_of(out),)),
+                   _linears(out, roles.input_of(out))]
+    return layers + [_linears(roles.mlp_in, roles.input_of(roles.mlp_in)),
+                     _linears(roles.mlp_out, roles.input_of(roles.mlp_out))]
 
 
-HEAD_LAYERS = {"embed": [_linears(("x_embedder",), "x_embedder.input", quantize_a=False)],
-               "unembed": [_linears(("final_layer.linear",), "final_layer.linear.input")]}
+def head_layers(roles: ptq.Roles) -> dict[str, list[Layer]]:
+    """The searched head linears: the patch embedding (its input stays full precision) and the final linear. The
+    t-MLP, adaLN and a text family's caption projection stay full precision (TQ-DiT's code keeps the conditioning
+    in full precision)."""
+    return {"embed": [_linears((roles.embedder,), f"{roles.embedder}.input", quantize_a=False)],
+            "unembed": [_linears((roles.final,), f"{roles.final}.input")]}
 
 
 def layers_of(unit, roles) -> list[Layer]:
-    return block_layers(roles) if unit.kind == "block" else HEAD_LAYERS.get(unit.kind, [])
+    return block_layers(roles) if unit.kind == "block" else head_layers(roles).get(unit.kind, [])
 
 
 def tq_rules(fp_cfg, q) -> tuple:
@@ -123,40 +130,44 @@ def tq_rules(fp_cfg, q) -> tuple:
     roles, w, a = ptq.roles(fp_cfg), int(q.w_bits), int(q.a_bits)
     g = int(q.time_groups) if q.tgq else 1
     g_all = g if q.tgq_scope == "all" else 1
-    gelu = fp_cfg.get("family", "large_dit") == "dit"
+    gelu, block = roles.gelu, roles.block
     sym = {"kind": "uniform", "symmetric": True}
-    rules = [{"path": r"x_embedder\.weight", **sym, "bits": w, "granularity": "channel", "axis": -1},
-             {"path": r"final_layer\.linear\.weight", **sym, "bits": w},
-             {"path": r"final_layer\.linear\.input", **sym, "bits": a, "time_groups": g_all}]
-    rules += [{"path": ptq.BLOCK + re.escape(r), "kind": "none"} for r in roles.shadowed_inputs()]
-    if gelu:  # fused qkv: one scale per q/k/v third
-        rules.append({"path": ptq.BLOCK + re.escape(roles.attn_in[0]) + r"\.weight", **sym, "bits": w,
+    site = lambda module, role: re.escape(roles.rule_path(f"{module}.{role}"))  # noqa: E731
+    rules = [{"path": site(roles.embedder, "weight"), **sym, "bits": w, "granularity": "channel", "axis": -1},
+             {"path": site(roles.final, "weight"), **sym, "bits": w},
+             {"path": site(roles.final, "input"), **sym, "bits": a, "time_groups": g_all}]
+    rules += [{"path": block + re.escape(r), "kind": "none"} for r in roles.shadowed_inputs()]
+    if len(roles.attn_in) == 1:  # fused qkv: one scale per q/k/v third
+        rules.append({"path": block + re.escape(roles.attn_in[0]) + r"\.weight", **sym, "bits": w,
                       "granularity": "block", "axis": -1, "group_size": int(fp_cfg.dim)})
-    att = re.escape(roles.attention)
+    names = [att for att, _, _ in roles.attentions()]
+    att = re.escape(names[0]) if len(names) == 1 else "(?:" + "|".join(map(re.escape, names)) + ")"
     probs = ({"kind": "mrq_softmax", "bits": a} if q.mrq else {"kind": "uniform", "bits": a, "zero_point": False})
-    rules += [{"path": ptq.BLOCK + att + r"\.(q|k|v)", **sym, "bits": a, "granularity": "channel", "axis": 2,
+    rules += [{"path": block + att + r"\.(q|k|v)", **sym, "bits": a, "granularity": "channel", "axis": 2,
                "time_groups": g_all},
-              {"path": ptq.BLOCK + att + r"\.probs", **probs, "time_groups": g}]
+              {"path": block + att + r"\.probs", **probs, "time_groups": g}]
     if q.mrq and (gelu or q.swiglu_mrq):
-        rules.append({"path": ptq.BLOCK + re.escape(roles.mlp_out[0]) + r"\.input", "kind": "mrq_gelu" if gelu else
+        rules.append({"path": block + re.escape(roles.mlp_out[0]) + r"\.input", "kind": "mrq_gelu" if gelu else
                       "mrq_signed", "bits": a, "time_groups": g_all})
-    linears = "|".join(re.escape(r) for r in roles.attn_in + roles.attn_out + roles.mlp_in + roles.mlp_out)
-    inputs = "|".join(re.escape(r) for r in dict.fromkeys(
-        (roles.attn_input, roles.input_of(roles.attn_out), roles.ffn_input, roles.input_of(roles.mlp_out))))
-    rules += [{"path": ptq.BLOCK + f"(?:{linears})" + r"\.weight", **sym, "bits": w},
-              {"path": ptq.BLOCK + f"(?:{inputs})", **sym, "bits": a, "time_groups": g_all}]
+    linears = "|".join(re.escape(r) for r in roles.linears())
+    inputs = "|".join(re.escape(r) for r in roles.input_sites())
+    rules += [{"path": block + f"(?:{linears})" + r"\.weight", **sym, "bits": w},
+              {"path": block + f"(?:{inputs})", **sym, "bits": a, "time_groups": g_all}]
     return tuple(rules)
 
 
-def variant_rules(final_rules: tuple, layers: list[Layer], k: int, prefix: str, sequential: bool = True) -> tuple:
+def variant_rules(final_rules: tuple, layers: list[Layer], k: int, prefix: str, sequential: bool = True,
+                  roles: ptq.Roles | None = None) -> tuple:
     """Rules to search layer k of a unit: observers on its activation operands, the final model's quantizers on
     the operands of layers 0..k−1 when `sequential`, nothing anywhere else (later layers and other units in full
     precision)."""
+    roles = roles or ptq.ROLES["large_dit"]
+
     def rule_for(role):
-        concrete = prefix + role
+        concrete = prefix + role if prefix else roles.rule_path(role)
         return next((r for r in final_rules if re.fullmatch(r["path"], concrete)), None)
 
-    generic = (lambda role: ptq.BLOCK + re.escape(role)) if prefix else re.escape
+    generic = (lambda role: roles.block + re.escape(role)) if prefix else (lambda role: re.escape(roles.rule_path(role)))
     out = [{"path": generic(s), "kind": "observe"} for s in (layers[k].a, *layers[k].b) if not s.endswith(".weight")]
     for layer in layers[:k] if sequential else ():
         for role in (layer.a, *layer.b):
@@ -230,14 +241,15 @@ class HOWeights:
         if not hasattr(nnx, "capture"):
             raise RuntimeError("TQ-DiT's Fisher weights need flax >= 0.12.8 (nnx.capture); use quant.ho='mse'")
         all_outs = [p for unit in outs for p in unit]
-        model = ptq.host_model(ptq.with_sites(fp_cfg, tuple({"path": re.escape(p), "kind": "probe"}
+        names = ptq.roles(fp_cfg)
+        model = ptq.host_model(ptq.with_sites(fp_cfg, tuple({"path": re.escape(names.rule_path(p)), "kind": "probe"}
                                                             for p in all_outs)), fp_values)
         self.graphdef, state = nnx.split(model)
         self.state = to_device(state)
-        self.inputs, self.targets, self.batch_size = (carry.x, carry.t, carry.y), targets, int(batch_size)
+        self.carry, self.targets, self.batch_size = carry, targets, int(batch_size)
         self.channels = int(fp_cfg.in_channels)
-        one = jax.eval_shape(lambda: nnx.capture(nnx.merge(self.graphdef, self.state), nnx.Perturbation)(
-            *(jnp.asarray(a[:1]) for a in self.inputs))[1])
+        first = jax.tree.map(jnp.asarray, self.inputs(np.arange(1)))
+        one = jax.eval_shape(lambda: nnx.capture(nnx.merge(self.graphdef, self.state), nnx.Perturbation)(*first)[1])
         per_entry = {site_path(p[:-1]): math.prod(v.get_value().shape) * 4 for p, v in nnx.to_flat_state(one)}
         entries = len(carry.t)
         self.windows: list[list[int]] = []
@@ -251,6 +263,10 @@ class HOWeights:
             size += need
         self.outs, self._window, self._weights, self.stage = outs, -1, {}, stage
 
+    def inputs(self, idx) -> tuple:
+        """The model's (x, t, y) for entries `idx` (a text family's y: the entries' captions and masks)."""
+        return self.carry.x[idx], self.carry.t[idx], self.carry.cond(idx)
+
     def of_unit(self, u: int) -> dict[str, np.ndarray]:
         """{output site: g² (E, ...)} of unit u's layers (computing its window when the search enters it)."""
         w = next(i for i, units in enumerate(self.windows) if u in units)
@@ -260,7 +276,7 @@ class HOWeights:
             seen: dict[str, list] = {}
             with self.stage("HO weights") if self.stage else contextlib.nullcontext():
                 for idx, n in batches(len(self.targets), self.batch_size):
-                    args = to_device(tuple(a[idx] for a in self.inputs) + (self.targets[idx],))
+                    args = to_device(self.inputs(idx) + (self.targets[idx],))
                     got = jax.device_get(_ho_grads(self.state, *args, graphdef=self.graphdef, keep=keep,
                                                    channels=self.channels))
                     for k, v in got.items():
@@ -557,7 +573,7 @@ def quantize(job) -> dict:
                     continue
                 if (unit.kind, k) not in variants:  # blocks share one graph: one variant per layer position
                     variants[unit.kind, k] = ptq.host_model(ptq.with_sites(
-                        fp_cfg, variant_rules(rules, layers, k, prefix, bool(q.sequential))))
+                        fp_cfg, variant_rules(rules, layers, k, prefix, bool(q.sequential), roles)))
                 obs, t0 = variants[unit.kind, k], time.perf_counter()
                 ptq.set_values(obs, ptq.values_of(model))
                 seen = observe_unit(obs, unit, carry)

@@ -1,4 +1,4 @@
-"""A model as a chain of units for streaming calibration: embed, condition, block 0 … block L−1, unembed.
+"""A model as a chain of units for streaming calibration: embed, condition, [caption,] block 0 … block L−1, unembed.
 
 PTQ4DiT calibrates unit by unit (layer reconstruction for the embedders, block reconstruction for each block and
 the final layer); TQ-DiT searches layer by layer with the earlier layers quantized. Both need each unit's inputs
@@ -7,7 +7,11 @@ live on the host (numpy) and only the unit being calibrated is moved to the devi
 unit, never the whole model's activations (the official PTQ4DiT runs out of memory at 512 px on 24 GB cards).
 
 Units use the family protocol (`models.backbone.DiffusionTransformer`): a block unit is the block module; the
-other units run the model's own embed / condition / unembed on the model with its blocks detached (`head`).
+other units run the model's own embed / condition / attach / unembed on the model with its blocks detached (`head`).
+
+A text family (PixArt) adds the caption unit (`attach`: the caption projection). Its conditions are a table of the
+distinct captions (P prompts and the empty one) that each entry's `y` indexes, so the projected caption tokens,
+which depend on the prompt only, are computed and stored once per prompt, not once per entry.
 """
 from __future__ import annotations
 
@@ -26,7 +30,12 @@ from terdit_jax.models.backbone import Context
 from terdit_jax.models.layers import timestep_features
 from terdit_jax.quant.sites import observe
 
-HEAD_MODULES = {"embed": ("x_embedder",), "condition": ("t_embedder", "y_embedder"), "unembed": ("final_layer",)}
+# The head modules each head unit owns, by attribute name (DiT/Large-DiT's, then PixArt's).
+HEAD_MODULES = {"embed": ("x_embedder", "pos_embed_proj"),
+                "condition": ("t_embedder", "y_embedder", "adaln_single_emb_timestep_embedder_linear_1",
+                              "adaln_single_emb_timestep_embedder_linear_2", "adaln_single_linear", "adaln_single_norm"),
+                "caption": ("caption_projection_linear_1", "caption_projection_linear_2"),
+                "unembed": ("final_layer",)}
 # Linears of a head unit calibrated one at a time (PTQ4DiT's layer reconstruction of the t-MLP): the output the
 # part is judged by, from the unit's inputs; None = the unit's own output (c = t_emb + y_emb differs from the
 # second linear's output by the full-precision label embedding only).
@@ -36,7 +45,7 @@ PARTS = {"t_embedder.mlp_0": lambda m, t, y: m.t_embedder.mlp_0(timestep_feature
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """kind: "embed" | "condition" | "block" | "unembed"; index: the block index (blocks only); part: one linear
+    """kind: "embed" | "condition" | "caption" | "block" | "unembed"; index: the block index (blocks only); part: one linear
     of a head unit (a key of PARTS) that owns only that linear's quantizers, "" for the whole unit."""
     kind: str
     index: int = -1
@@ -47,14 +56,17 @@ class Unit:
         name = f"block {self.index}" if self.kind == "block" else self.kind
         return f"{name} {self.part}" if self.part else name
 
-    def parts(self) -> list["Unit"]:
-        """The unit as its linears one at a time (PTQ4DiT's t-MLP), or itself."""
-        mine = [p for p in PARTS if p.split(".")[0] in HEAD_MODULES.get(self.kind, ())]
+    def parts(self, model=None) -> list["Unit"]:
+        """The unit as its linears one at a time (PTQ4DiT's t-MLP), or itself (also where `model` lacks them:
+        PixArt's conditioning unit is reconstructed whole)."""
+        mine = [p for p in PARTS if p.split(".")[0] in HEAD_MODULES.get(self.kind, ())
+                and (model is None or hasattr(model, p.split(".")[0]))]
         return [dataclasses.replace(self, part=p) for p in mine] or [self]
 
 
 def unit_list(model) -> list[Unit]:
-    return [Unit("embed"), Unit("condition"), *[Unit("block", i) for i in range(len(model.block_list()))],
+    caption = [Unit("caption")] if any(hasattr(model, m) for m in HEAD_MODULES["caption"]) else []
+    return [Unit("embed"), Unit("condition"), *caption, *[Unit("block", i) for i in range(len(model.block_list()))],
             Unit("unembed")]
 
 
@@ -102,8 +114,10 @@ def in_unit(unit: Unit) -> Callable[[tuple], bool]:
 @dataclasses.dataclass
 class Carry:
     """Per calibration entry, on the host: the model inputs and what the units computed so far.
-    x (E, H, W, C), t (E,), y (E,); tokens (E, T, D) after embed and each block; c (E, C) after condition;
-    angles (T, hd/2) or None; out (E, H, W, C_out) after unembed."""
+    x (E, H, W, C), t (E,), y (E,) labels, or rows of `table`; tokens (E, T, D) after embed and each block; c (E, C)
+    after condition; angles (T, hd/2) or None; out (E, H, W, C_out) after unembed. A text family's `table` is the
+    conditions (caption (P+1, N, Cc), mask (P+1, N)) that y indexes, `caption` (P+1, N, D) their projected tokens
+    after the caption unit."""
     x: np.ndarray
     t: np.ndarray
     y: np.ndarray
@@ -111,18 +125,30 @@ class Carry:
     c: np.ndarray | None = None
     angles: np.ndarray | None = None
     out: np.ndarray | None = None
+    table: tuple | None = None
+    caption: np.ndarray | None = None
 
     def copy(self) -> "Carry":
         return dataclasses.replace(self)
+
+    def cond(self, idx):
+        """The model's y for entries `idx`: labels, or (caption (n, N, Cc), mask (n, N)) from the table."""
+        return self.y[idx] if self.table is None else tuple(a[self.y[idx]] for a in self.table)
+
+    def rows(self) -> "Carry":
+        """A carry whose entries are the table's rows (the caption unit runs once per distinct caption)."""
+        n = len(self.table[0])
+        return dataclasses.replace(self, t=np.zeros(n, np.int32), y=np.arange(n))
 
 
 def unit_inputs(unit: Unit, carry: Carry, idx) -> tuple:
     """The arrays unit `unit` reads for entries `idx` (host)."""
     if unit.kind == "embed":
         return carry.x[idx], carry.t[idx]
-    if unit.kind == "condition":
-        return carry.t[idx], carry.y[idx]
-    return carry.tokens[idx], carry.c[idx], carry.t[idx]
+    if unit.kind in ("condition", "caption"):
+        return carry.t[idx], carry.cond(idx)
+    caption = () if carry.caption is None else (carry.caption[carry.y[idx]], carry.table[1][carry.y[idx]])
+    return (carry.tokens[idx], carry.c[idx], carry.t[idx], *caption)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +166,14 @@ class UnitFn:
             return m.embed(*inputs)[0]
         if self.kind == "condition":
             return m.condition(*inputs)
-        tokens, c, t = inputs
+        if self.kind == "caption":
+            t, y = inputs
+            return m.attach(Context(t, None), y).caption[0]
+        tokens, c, t, *caption = inputs
+        ctx = Context(t, angles, tuple(caption) if caption else None)
         if self.kind == "block":
-            return m(tokens, c, Context(t, angles))
-        return m.unembed(tokens, c, Context(t, angles), *self.hw)
+            return m(tokens, c, ctx)
+        return m.unembed(tokens, c, ctx, *self.hw)
 
 
 def unit_fn(unit: Unit, carry: Carry) -> UnitFn:
@@ -191,8 +221,8 @@ def run_unit(model, unit: Unit, carry: Carry, *, batch_size: int = 64, desc: str
 
 
 def advance(model, unit: Unit, carry: Carry, *, batch_size: int = 64) -> Carry:
-    """`carry` after `unit`: its output stored where the next unit reads it."""
-    out = run_unit(model, unit, carry, batch_size=batch_size)
+    """`carry` after `unit`: its output stored where the next unit reads it (the caption unit's per table row)."""
+    out = None if unit.kind == "caption" else run_unit(model, unit, carry, batch_size=batch_size)
     new = carry.copy()
     if unit.kind == "embed":
         new.tokens = out
@@ -201,6 +231,8 @@ def advance(model, unit: Unit, carry: Carry, *, batch_size: int = 64) -> Carry:
         new.angles = None if ctx.angles is None else np.asarray(ctx.angles)
     elif unit.kind == "condition":
         new.c = out
+    elif unit.kind == "caption":
+        new.caption = run_unit(model, unit, carry.rows(), batch_size=batch_size)
     elif unit.kind == "block":
         new.tokens = out
     else:
@@ -209,7 +241,9 @@ def advance(model, unit: Unit, carry: Carry, *, batch_size: int = 64) -> Carry:
 
 
 def target_of(unit: Unit, carry_after: Carry) -> np.ndarray:
-    """What `unit` produced in a carry that has run it (the reconstruction target from the FP carry)."""
+    """What `unit` produced in a carry that has run it (the reconstruction target from the FP carry), per entry."""
+    if unit.kind == "caption":
+        return carry_after.caption[carry_after.y]
     return {"embed": carry_after.tokens, "condition": carry_after.c, "block": carry_after.tokens,
             "unembed": carry_after.out}[unit.kind]
 
