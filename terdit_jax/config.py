@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.caption_channels = 4096  # pixart: width of the text encoder's tokens (T5-XXL)
     m.caption_len = 120  # pixart: caption tokens (120 PixArt-α, 300 PixArt-Σ)
     m.pe_interpolation = 0.0  # pixart: position-table interpolation scale, 0 = max(latent size // 64, 1)
+    m.micro_conditions = False  # pixart: PixArt-α 1024's image-size and aspect-ratio conditions
     m.name = "DiT_Llama_600M_patch2"  # a preset of the family, or "custom" to use dim/n_layers/n_heads as given
     m.dim, m.n_layers, m.n_heads = 1536, 16, 32
     m.patch_size = 2

@@ -244,3 +244,33 @@ def test_integer_attention_products_equal_the_fake_quantized_products_in_float64
         got = np.asarray(probs_values(p_parts, encode(sv, v, steps, 1)))
         want = np.einsum("bhqk,bkhd->bqhd", np.asarray(sp(probs, steps), np.float64), v_hat)
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+
+
+def test_masked_integer_attention_leaves_the_padding_keys_out():
+    """A caption's padding keys (mask 0) get no weight in the integer attention (PixArt's cross-attention): with the
+    first n keys kept it equals the integer attention over those n keys alone, and the fake-quantized float
+    attention with the same mask."""
+    from terdit_jax.models.layers import site_attention
+    from terdit_jax.quant.integer import integer_attention
+    from terdit_jax.quant.quantizers import UniformQuantizer
+    rng = np.random.default_rng(4)
+    b, tq, tk, h, d, n = 2, 5, 7, 2, 8, 3
+    q = jnp.asarray(rng.standard_normal((b, tq, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, tk, h, d)) * 3, jnp.float32) for _ in range(2))
+    sites = []
+    for name, x in (("q", q / np.sqrt(d)), ("k", k), ("v", v)):
+        s = UniformQuantizer(path=name, shape=(None, None, h, d), bits=8)
+        s.calibrate(x)
+        sites.append(s)
+    sp = UniformQuantizer(path="p", shape=(None, h, None, None), bits=8, zero_point=False)
+    sp.calibrate(jax.nn.softmax(jnp.asarray(rng.standard_normal((b, h, tq, tk)), jnp.float32), axis=-1))
+    sites = (*sites, sp, None)
+    mask = jnp.asarray(np.arange(tk)[None] < n, jnp.int32).repeat(b, 0)
+    t = jnp.array([3, 700])
+    got = np.asarray(integer_attention(sites, q, k, v, t, mask))
+    alone = np.asarray(integer_attention(sites, q, k[:, :n], v[:, :n], t))
+    np.testing.assert_allclose(got, alone, rtol=1e-5, atol=1e-6)
+    unmasked = np.asarray(integer_attention(sites, q, k, v, t))
+    assert np.abs(unmasked - got).max() > 1e-2  # the mask matters
+    float_path = np.asarray(site_attention(sites, q, k, v, t, mask=mask))
+    assert np.abs(float_path - got).max() <= 1e-4 * np.abs(float_path).max()

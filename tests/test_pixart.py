@@ -21,18 +21,22 @@ def tiny_cfg():
     return finalize(c)
 
 
-def test_pixart_equals_diffusers_with_random_weights():
+@pytest.mark.parametrize("micro", [False, True])
+def test_pixart_equals_diffusers_with_random_weights(micro):
+    """micro: PixArt-α 1024's resolution and aspect-ratio conditions (square images at the config's size)."""
     from diffusers import PixArtTransformer2DModel
     torch.manual_seed(0)
+    d = 48 if micro else D  # the micro-conditions split the width in thirds
     ref = PixArtTransformer2DModel(sample_size=LATENT, patch_size=P, in_channels=4, out_channels=8, num_layers=L,
-                                   num_attention_heads=H, attention_head_dim=D // H, cross_attention_dim=D,
+                                   num_attention_heads=H, attention_head_dim=d // H, cross_attention_dim=d,
                                    caption_channels=CC, norm_type="ada_norm_single", norm_elementwise_affine=False,
                                    norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate",
-                                   use_additional_conditions=False).eval()
+                                   use_additional_conditions=micro).eval()
     with torch.no_grad():  # diffusers zero-initialises some layers: randomise all so every path matters
         for p in ref.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
     cfg = tiny_cfg()
+    cfg.model.update(dim=d, micro_conditions=micro)
     model = build(cfg.model, nnx.Rngs(0))
     load_diffusers(model, {k: v.numpy() for k, v in ref.state_dict().items()})
     rng = np.random.default_rng(0)
@@ -40,10 +44,13 @@ def test_pixart_equals_diffusers_with_random_weights():
     t = np.array([3, 700])
     cap = rng.standard_normal((2, N, CC)).astype(np.float32)
     mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], np.float32)
+    side = float(8 * LATENT)  # pixels, as diffusers' pipeline passes them
+    micro_kwargs = ({"resolution": torch.tensor([[side, side]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+                    if micro else {"resolution": None, "aspect_ratio": None})
     with torch.no_grad():
         want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), encoder_hidden_states=torch.from_numpy(cap),
                    timestep=torch.from_numpy(t), encoder_attention_mask=torch.from_numpy(mask),
-                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample.permute(0, 2, 3, 1).numpy()
+                   added_cond_kwargs=micro_kwargs).sample.permute(0, 2, 3, 1).numpy()
     got = np.asarray(model(x, t, (cap, mask)))
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err <= 1e-4, err
@@ -51,13 +58,21 @@ def test_pixart_equals_diffusers_with_random_weights():
     assert np.abs(np.asarray(model(x, t, (cap, np.ones_like(mask))))[0] - got[0]).max() > 1e-3
 
 
-@pytest.mark.parametrize("name,table", [("pixart_alpha_512", 1024 * 1152), ("pixart_sigma_1024", 4096 * 1152)])
+@pytest.mark.parametrize("name,table", [("pixart_alpha_512", 1024 * 1152), ("pixart_sigma_1024", 4096 * 1152),
+                                        ("pixart_alpha_1024", 4096 * 1152)])
 def test_pixart_configs_count_the_released_parameters(name, table):
     import importlib
+    from diffusers import PixArtTransformer2DModel
     cfg = finalize(importlib.import_module(f"terdit_jax.configs.{name}").get_config())
-    # sum of p.numel() over diffusers' PixArtTransformer2DModel of these configs (built on the meta device)
-    assert count_params(cfg.model, trainable_only=True) == 610_856_096
-    assert count_params(cfg.model) == 610_856_096 + table
+    with torch.device("meta"):  # diffusers' model of the config, nothing allocated
+        ref = PixArtTransformer2DModel(sample_size=cfg.model.input_size, num_layers=28, num_attention_heads=16,
+                                       attention_head_dim=72, caption_channels=4096, cross_attention_dim=1152,
+                                       use_additional_conditions=bool(cfg.model.micro_conditions))
+    theirs = sum(p.numel() for p in ref.parameters())
+    # the micro-condition MLPs add 2·(256·384 + 384 + 384·384 + 384)
+    assert theirs == 610_856_096 + (493_056 if cfg.model.micro_conditions else 0)
+    assert count_params(cfg.model, trainable_only=True) == theirs
+    assert count_params(cfg.model) == theirs + table
 
 
 def test_pixart_training_forward_with_remat_equals_the_model_call():

@@ -13,8 +13,9 @@ SRC is one of
 The learned unconditional caption (`y_embedding`) is not imported: CFG here uses the encoded empty prompt, as
 diffusers' pipelines do. The fixed position table is not stored; where the file has one it is checked against ours.
 
-Without --config: configs/pixart_sigma_1024.py for 1024 px weights, configs/pixart_alpha_512.py otherwise (at the
-file's resolution when it tells it). PixArt-Σ at 512 px has the same tensors as PixArt-α: import it with a --config
+Without --config: configs/pixart_alpha_1024.py for weights with micro-conditions (PixArt-α 1024-MS),
+configs/pixart_sigma_1024.py for other 1024 px weights, configs/pixart_alpha_512.py otherwise (at the file's
+resolution when it tells it). PixArt-Σ at 512 px has the same tensors as PixArt-α: import it with a --config
 whose model.caption_len is 300 (Σ's token limit). torch and safetensors are needed here only (pip install
 'terdit-jax[convert]').
 """
@@ -41,6 +42,7 @@ from terdit_jax.models.families import count_params
 from terdit_jax import trees
 
 SHIPPED = {512: "pixart_alpha_512.py", 1024: "pixart_sigma_1024.py"}
+MICRO_CONFIG = "pixart_alpha_1024.py"  # weights with micro-conditions (PixArt-α 1024-MS)
 POS_EMBED_TOL = 1e-4
 
 # original module prefix → diffusers module prefix (block modules with {i})
@@ -167,10 +169,17 @@ def file_resolution(config_json: dict, table: np.ndarray | None, patch: int = 2)
     return None
 
 
-def default_config(resolution: int | None, config_json: dict):
-    res = resolution or 512
-    c = convert.load_config_file(convert.shipped_config(SHIPPED.get(res, SHIPPED[512])), ConversionError)
-    c.data.image_size = res
+def has_micro_conditions(sd: dict, config_json: dict) -> bool:
+    return bool(config_json.get("use_additional_conditions")) or any(k.startswith(MICRO_CONDITIONS) for k in sd)
+
+
+def default_config_file(resolution: int | None, micro: bool) -> str:
+    return convert.shipped_config(MICRO_CONFIG if micro else SHIPPED.get(resolution or 512, SHIPPED[512]))
+
+
+def default_config(resolution: int | None, micro: bool, config_json: dict):
+    c = convert.load_config_file(default_config_file(resolution, micro), ConversionError)
+    c.data.image_size = resolution or c.data.image_size
     if config_json.get("interpolation_scale"):
         c.model.pe_interpolation = float(config_json["interpolation_scale"])
     return c
@@ -185,9 +194,11 @@ def check(config, sd: dict, config_json: dict, table, resolution: int | None, so
         raise ConversionError(f"{config_name} has model.linear={m.linear!r} and {len(m.sites)} site rules; the "
                               f"released weights are full precision: import with model.linear='fp' and quantize the "
                               f"workdir afterwards")
-    if config_json.get("use_additional_conditions") or any(k.startswith(MICRO_CONDITIONS) for k in sd):
-        raise ConversionError(f"{source} is PixArt-α 1024 with resolution and aspect-ratio micro-conditions, which "
-                              f"this port does not build yet; PixArt-Σ 1024 and PixArt-α 256/512 import")
+    if has_micro_conditions(sd, config_json) != bool(m.micro_conditions):
+        have = "has" if has_micro_conditions(sd, config_json) else "has no"
+        raise ConversionError(f"{source} {have} resolution and aspect-ratio micro-conditions but {config_name} has "
+                              f"model.micro_conditions={bool(m.micro_conditions)}; use "
+                              f"{'configs/' + MICRO_CONFIG if have == 'has' else 'a config without them'}")
     if resolution is not None and resolution != int(config.data.image_size):
         raise ConversionError(f"{source} holds {resolution} px weights but {config_name} is for "
                               f"{config.data.image_size} px; use a config for {resolution} px "
@@ -238,8 +249,9 @@ def import_pixart(src: str, out_dir: str, *, config=None) -> dict:
     sd, config_json, table, layout = read_weights(src)
     resolution = file_resolution(config_json, table)
     if config is None:
-        config_name, raw = "the default config", default_config(resolution, config_json)
-        config_file = convert.shipped_config(SHIPPED.get(int(raw.data.image_size), SHIPPED[512]))
+        micro = has_micro_conditions(sd, config_json)
+        config_name, raw = "the default config", default_config(resolution, micro, config_json)
+        config_file = default_config_file(resolution, micro)
     elif isinstance(config, str):
         config_name, raw, config_file = config, convert.load_config_file(config, ConversionError), config
     else:

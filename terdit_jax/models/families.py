@@ -71,6 +71,7 @@ FAMILIES: Registry[Family] = Registry("model family", {
         cond_dim=lambda d: 7 * d,  # [embedded t | the shared adaLN-single output]
         unused_fields=pixart.UNUSED_FIELDS,
         fixed_params=lambda cfg: (int(cfg.input_size) // int(cfg.patch_size)) ** 2 * int(cfg.dim),
+        importer="terdit_jax.convert.pixart_official",
         check=pixart.check,
         stacked_adaln=False),
 })

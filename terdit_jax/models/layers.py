@@ -94,30 +94,34 @@ def quantize_qkv(sites: tuple, q: jax.Array, k: jax.Array, v: jax.Array, t: jax.
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, probs_site, t: jax.Array | None,
-              scores_site=None, scale: float | None = None) -> jax.Array:
-    """softmax(q·kᵀ·scale)·v for q, k, v (B, T, H, hd) → (B, T, H, hd); scale 1/sqrt(hd) unless given. Fused
-    unless a site acts on the (B, H, T, T) scores or probabilities; then they are formed in float32 (as XLA's
-    fused attention does)."""
+              scores_site=None, scale: float | None = None, mask: jax.Array | None = None) -> jax.Array:
+    """softmax(q·kᵀ·scale)·v for q (B, Tq, H, hd), k, v (B, Tk, H, hd) → (B, Tq, H, hd); scale 1/sqrt(hd) unless
+    given; keys where mask (B, Tk) is 0 left out. Fused unless a site acts on the (B, H, Tq, Tk) scores or
+    probabilities; then they are formed in float32 (as XLA's fused attention does)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if probs_site is None and scores_site is None:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale,
+                                            mask=None if mask is None else mask[:, None, None, :] > 0)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits if scale == 1.0 else logits * scale
-    probs = quantize(probs_site, jax.nn.softmax(quantize(scores_site, logits, t), axis=-1), t)
+    logits = quantize(scores_site, logits, t)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :] > 0, logits, -jnp.inf)
+    probs = quantize(probs_site, jax.nn.softmax(logits, axis=-1), t)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
 def site_attention(sites: tuple, q: jax.Array, k: jax.Array, v: jax.Array, t: jax.Array | None, *,
-                   integer: bool = False) -> jax.Array:
-    """Attention (B, T, H, hd) → (B, T, H, hd) through its q, k, v, probs, scores `sites` (`attention_sites`). In a
-    deployed model (`integer`) the quantized products run as integer matmuls (`quant.integer.integer_attention`),
-    else, and where the sites have no integer codes, as fake-quantized float."""
+                   integer: bool = False, mask: jax.Array | None = None) -> jax.Array:
+    """Attention (B, Tq, H, hd) → (B, Tq, H, hd) through its q, k, v, probs, scores `sites` (`attention_sites`), with
+    an optional key mask (B, Tk). In a deployed model (`integer`) the quantized products run as integer matmuls
+    (`quant.integer.integer_attention`), else, and where the sites have no integer codes, as fake-quantized float."""
     if integer:
-        out = integer_attention(sites, q, k, v, t)
+        out = integer_attention(sites, q, k, v, t, mask)
         if out is not None:
             return out
     q, k, v, scale = quantize_qkv(sites[:3], q, k, v, t)
-    return attention(q, k, v, sites[3], t, sites[4], scale)
+    return attention(q, k, v, sites[3], t, sites[4], scale, mask)
 
 
 def attention_sites(path: str, cfg, n_heads: int, head_dim: int) -> tuple:

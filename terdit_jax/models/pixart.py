@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from terdit_jax.models.backbone import Context, DiffusionTransformer, modulate, patchify, unpatchify
-from terdit_jax.models.layers import LayerNorm, RMSNorm, attention_sites, quantize_qkv, site_attention, timestep_features
+from terdit_jax.models.layers import LayerNorm, RMSNorm, attention_sites, site_attention, timestep_features
 from terdit_jax.models.linears import layer_kind, make_linear
 from terdit_jax.models.ternary import normal_init, xavier_uniform, zeros_init
 from terdit_jax.quant.sites import make_site, quantize, sites_of
@@ -30,7 +30,7 @@ from terdit_jax.quant.sites import make_site, quantize, sites_of
 # PixArt-XL/2: the DiT-XL/2 backbone (28 blocks, D 1152, 16 heads of 72).
 PRESETS = {"PixArt-XL/2": dict(dim=1152, n_layers=28, n_heads=16, patch_size=2)}
 # model fields only this family reads (left out of the other families' checkpoint signatures)
-OWN_FIELDS = ("caption_channels", "caption_len", "pe_interpolation")
+OWN_FIELDS = ("caption_channels", "caption_len", "pe_interpolation", "micro_conditions")
 UNUSED_FIELDS = ("multiple_of", "ffn_dim_multiplier", "qk_norm", "rope_theta", "pos_embed", "pre_norms",
                  "num_classes", "class_dropout_prob")
 NORM_EPS = 1e-6
@@ -41,6 +41,8 @@ def check(cfg) -> str | None:
         return f"model.dim={cfg.dim} must split into {cfg.n_heads} heads and be a multiple of 4"
     if cfg.get("caption_channels", 0) < 1 or cfg.get("caption_len", 0) < 1:
         return "model.caption_channels and model.caption_len must be positive for the pixart family"
+    if cfg.get("micro_conditions", False) and cfg.dim % 3:
+        return f"model.dim={cfg.dim} must be a multiple of 3 for the micro-conditions (2 size + 1 aspect-ratio parts)"
     return None
 
 
@@ -93,6 +95,7 @@ class Attention(nnx.Module):
         self.to_out_0 = _lin(cfg, f"{path}.to_out_0", d, d, ("heads", "embed"), dtype, rngs)
         self.q_site, self.k_site, self.v_site, self.probs_site, self.scores_site = attention_sites(
             path, cfg, self.n_heads, self.head_dim)
+        self.integer = bool(cfg.get("deployed", False))
 
     def heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:2], self.n_heads, self.head_dim)
@@ -109,14 +112,8 @@ class Attention(nnx.Module):
         q = self.heads(self.to_q(x, t))
         k, v = kv if kv is not None else self.kv(x if memory is None else memory, t)
         sites = (self.q_site, self.k_site, self.v_site, self.probs_site, self.scores_site)
-        if mask is None:
-            out = site_attention(sites, q, k, v, t)
-        else:  # padding keys masked out (diffusers adds −10000 to their logits: the same after the softmax)
-            q, k, v, scale = quantize_qkv(sites[:3], q, k, v, t)
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-            logits = jnp.where(mask[:, None, None, :] > 0, quantize(self.scores_site, logits, t), -jnp.inf)
-            probs = quantize(self.probs_site, jax.nn.softmax(logits, axis=-1), t)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        # padding keys masked out (diffusers adds −10000 to their logits: the same after the softmax)
+        out = site_attention(sites, q, k, v, t, integer=self.integer, mask=mask)
         return self.to_out_0(out.reshape(b, n, d), t)
 
 
@@ -184,6 +181,18 @@ class PixArt(DiffusionTransformer):
         self.adaln_single_emb_timestep_embedder_linear_2 = _lin(
             cfg, "adaln_single.emb.timestep_embedder.linear_2", d, d, ("embed", None), dtype, rngs, init)
         self.adaln_single_linear = _lin(cfg, "adaln_single.linear", d, 6 * d, ("embed", "adaln"), dtype, rngs, init)
+        # PixArt-α 1024's micro-conditions (PixArt-α §2.4's multi-scale training; diffusers
+        # PixArtAlphaCombinedTimestepSizeEmbeddings): the image's height and width and its aspect ratio, each through
+        # the timestep sinusoid and an MLP to D/3, added to the embedded timestep as [h | w | ratio]. Sampling draws
+        # square images at the config's size: h = w = 8·latent size (the VAE's factor), ratio 1.
+        self.micro = None
+        if cfg.get("micro_conditions", False):
+            self.micro = (8.0 * int(cfg.input_size), 1.0)
+            for name in ("resolution", "aspect_ratio"):
+                for i, (a, b) in enumerate(((256, d // 3), (d // 3, d // 3)), 1):
+                    setattr(self, f"adaln_single_emb_{name}_embedder_linear_{i}",
+                            _lin(cfg, f"adaln_single.emb.{name}_embedder.linear_{i}", a, b, (None, None), dtype,
+                                 rngs, init))
         # TerDiT's RMSNorm over the whole 6D output of the (shared) adaLN linear, before each block adds its table
         self.adaln_single_norm = RMSNorm(6 * d, eps=cfg.norm_eps, axis_name="adaln") if adaln_norm(cfg) else None
         self.caption_projection_linear_1 = _lin(cfg, "caption_projection.linear_1", cfg.caption_channels, d,
@@ -200,9 +209,18 @@ class PixArt(DiffusionTransformer):
     def condition(self, t: jax.Array, y, drop_key=None) -> jax.Array:
         """c = [embedded_t | adaln_single.linear(SiLU(embedded_t))] (B, 7D) float32 (the second part through
         TerDiT's RMSNorm where `adaln_norm(cfg)`)."""
-        e = self.adaln_single_emb_timestep_embedder_linear_2(
-            jax.nn.silu(self.adaln_single_emb_timestep_embedder_linear_1(timestep_features(t), t)), t)
+        e = self._embed("timestep", timestep_features(t), t)
+        if self.micro is not None:
+            b, (size, ratio) = t.shape[0], self.micro
+            res = self._embed("resolution", timestep_features(jnp.full((2 * b,), size)), t.repeat(2))
+            ar = self._embed("aspect_ratio", timestep_features(jnp.full((b,), ratio)), t)
+            e = e + jnp.concatenate([res.reshape(b, -1), ar], -1)
         return jnp.concatenate([e, self.modulation(e, t)], -1).astype(jnp.float32)
+
+    def _embed(self, name: str, features: jax.Array, t) -> jax.Array:
+        """adaln_single.emb.<name>_embedder: Linear, SiLU, Linear on sinusoidal features (B, 256)."""
+        first, second = (getattr(self, f"adaln_single_emb_{name}_embedder_linear_{i}") for i in (1, 2))
+        return second(jax.nn.silu(first(features, t)), t)
 
     def modulation(self, e: jax.Array, t=None) -> jax.Array:
         """The shared adaLN-single output (B, 6D) from the embedded timestep e (B, D)."""

@@ -126,7 +126,10 @@ ROLES = {
                                  "adaln_single.emb.timestep_embedder.linear_2"),
                                 ("adaln_single_linear", "adaln_single.linear"),
                                 ("caption_projection_linear_1", "caption_projection.linear_1"),
-                                ("caption_projection_linear_2", "caption_projection.linear_2"))),
+                                ("caption_projection_linear_2", "caption_projection.linear_2"),
+                                *((f"adaln_single_emb_{c}_embedder_linear_{i}",
+                                   f"adaln_single.emb.{c}_embedder.linear_{i}")
+                                  for c in ("resolution", "aspect_ratio") for i in (1, 2)))),
 }
 BLOCK = Roles.block  # the block prefix of a site path of the class-conditional families
 

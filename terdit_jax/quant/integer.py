@@ -147,10 +147,11 @@ def probs_values(p_parts, v_parts) -> jax.Array:
     return out
 
 
-def integer_attention(sites: tuple, q, k, v, t) -> jax.Array | None:
-    """softmax(q·kᵀ/√hd)·v (B, T, H, hd) with the quantized products as integer matmuls, or None where q and k are
+def integer_attention(sites: tuple, q, k, v, t, mask=None) -> jax.Array | None:
+    """softmax(q·kᵀ/√hd)·v (B, Tq, H, hd) with the quantized products as integer matmuls, or None where q and k are
     not integer operands (the caller then runs the float attention). q is scaled by 1/√hd before its site, as the
-    fake-quantized model does (`models.layers.quantize_qkv`); the softmax runs in float32."""
+    fake-quantized model does (`models.layers.quantize_qkv`); the softmax runs in float32, over the keys where
+    mask (B, Tk) is not 0."""
     q_site, k_site, v_site, probs_site, scores_site = sites
     if scores_site is not None:
         return None
@@ -158,7 +159,10 @@ def integer_attention(sites: tuple, q, k, v, t) -> jax.Array | None:
     q_parts, k_parts = encode(q_site, qs, t, axis=3), encode(k_site, k, t, axis=3)
     if q_parts is None or k_parts is None:
         return None
-    probs = jax.nn.softmax(qk_logits(q_parts, k_parts), axis=-1)
+    logits = qk_logits(q_parts, k_parts)
+    if mask is not None:  # a caption's padding keys (see models.layers.key_mask)
+        logits = jnp.where(mask[:, None, None, :] > 0, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
     p_parts, v_parts = encode(probs_site, probs, t, axis=3), encode(v_site, v, t, axis=1)
     if p_parts is None or v_parts is None:
         p_hat, v_hat = quantize(probs_site, probs, t), quantize(v_site, v, t)
