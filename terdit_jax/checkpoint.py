@@ -32,7 +32,7 @@ class CheckpointError(RuntimeError):
 
 # Model fields added later, with the value every older checkpoint and export has.
 ADDED_MODEL_FIELDS = {"prediction": "eps", "family": DEFAULT_FAMILY, "sites": (), "act_bits": 16, "bitnet_norm": "rms",
-                      "pre_norms": True, "packed_from": "ternary", "deployed": False}
+                      "pre_norms": True, "packed_from": "ternary", "deployed": False, "micro_conditions": False}
 # Compute settings do not change the parameter tree; every other model field does (or changes its meaning).
 RUNTIME_MODEL_FIELDS = ("dtype", "alpha_init", "ternary_gamma", "tensor_shards", "packed_act_dtype", "packed_backend",
                         "packed_act_force")
@@ -45,7 +45,7 @@ def model_signature(model_cfg) -> dict:
         family = family_of(d)
     except KeyError as e:  # a checkpoint or manifest from a version with a family this one lacks
         raise CheckpointError(f"the model names {e.args[0]}; read it with the version of terdit-jax that wrote it")
-    skip = set(RUNTIME_MODEL_FIELDS) | set(family.unused_fields)
+    skip = set(RUNTIME_MODEL_FIELDS) | set(family.unused_fields) | set(family.unused_for(ml_collections.ConfigDict(d)))
     return json.loads(json.dumps({k: v for k, v in sorted(d.items()) if k not in skip}))
 
 

@@ -99,3 +99,18 @@ def test_pixart_ternary_config_quantizes_the_block_linears_only():
     assert layer_kind("transformer_blocks.0.ff_net_2", cfg.model) == "ternary"
     assert layer_kind("caption_projection.linear_1", cfg.model) == "fp"
     assert layer_kind("final_layer.proj_out", cfg.model) == "fp"
+
+
+def test_older_pixart_checkpoints_keep_their_architecture():
+    """A PixArt checkpoint written before model.adaln_norm/norm_eps/micro_conditions applied to the family (its
+    signature lacks them) still matches a full-precision config (no adaLN norm is built there), and is another
+    architecture than a ternary config whose adaLN-single linear carries TerDiT's RMSNorm."""
+    from terdit_jax.checkpoint import model_signature
+    cfg = tiny_cfg().model
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("adaln_norm", "norm_eps", "micro_conditions")}
+    assert model_signature(old) == model_signature(cfg)
+    ternary = dict(linear="ternary", quantized_layers="attn1,attn2,ff_net,adaln_single.linear")
+    new = cfg.to_dict() | ternary | {"adaln_norm": True}
+    assert model_signature(new)["adaln_norm"] is True
+    assert model_signature(old | ternary) != model_signature(new)
+    assert model_signature(old | ternary) == model_signature(new | {"adaln_norm": False})

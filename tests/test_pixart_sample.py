@@ -255,7 +255,7 @@ def sample_workdir(tmp_path_factory):
     return workdir
 
 
-def test_sample_mode_from_a_prompt_file_and_from_prompt_embeds(sample_workdir, pipeline_dir, tmp_path):
+def test_sample_mode_from_a_prompt_file_and_from_prompt_embeds(sample_workdir, pipeline_dir, tmp_path, monkeypatch):
     from terdit_jax.sample import run_sample_mode
     root, _ = pipeline_dir
     prompts = tmp_path / "prompts.txt"
@@ -280,6 +280,17 @@ def test_sample_mode_from_a_prompt_file_and_from_prompt_embeds(sample_workdir, p
                            log=lambda *_: None)["npz"] == npz
     with np.load(npz) as z:
         np.testing.assert_array_equal(z["arr_0"], images)
+    # --mode eval cycles through the prompts (labels = prompt indices), batch by batch
+    from terdit_jax.eval import evaluate, run as eval_run
+    monkeypatch.setattr(eval_run, "reference_for", lambda *a, **k: "reference.npz")
+    monkeypatch.setattr(evaluate, "evaluate", lambda npz, ref, **kw: {"fid": 0.0})
+    config = tiny_config(prompt_embeds=str(embeds), per_class=1, batch_size=2)
+    config.eval.num_samples = 3
+    report = eval_run.run_eval_mode(config, str(sample_workdir), log=lambda *_: None)
+    with np.load(report["samples"]) as z:
+        np.testing.assert_array_equal(z["arr_1"], [0, 1, 0])
+        assert not np.array_equal(z["arr_0"][0], z["arr_0"][1])
+    assert json.load(open(report["report"]))["model"]["kind"] == "checkpoint"
     # through the command line, a wrong-width embeddings file: one error line, exit 2
     wrong = captions.read(str(embeds))
     captions.write(str(embeds), captions.make(wrong.prompts, wrong.caption[..., :-1], wrong.mask,

@@ -40,21 +40,25 @@ def samples_key(model: dict, config) -> dict:
     """Everything the evaluation samples depend on: which model exactly (`sample.identify_model`, its paths
     aside, so a moved workdir keeps its samples), the sampler settings and seed, the compute dtype."""
     s, m = config.sample, config.model
-    return {"model": {k: v for k, v in model.items() if k not in ("what", "path")}, "sampler": s.sampler,
+    prompts = {"prompts": s.prompts or s.prompt_embeds} if (s.prompts or s.prompt_embeds) else {}
+    return {"model": {k: v for k, v in model.items() if k not in ("what", "path")}, **prompts, "sampler": s.sampler,
             "num_steps": int(s.num_steps), "cfg_scale": float(s.cfg_scale), "cfg_channels": s.cfg_channels,
             "seed": int(s.seed), "dtype": m.dtype, "packed_act_dtype": m.get("packed_act_dtype", ""),
             "vae_path": config.data.vae_path if config.data.latent else ""}
 
 
 def run_eval_mode(config, workdir: str, *, log=print) -> dict:
-    """Sample config.eval.num_samples images with uniformly random labels and score them. Returns the report.
+    """Sample config.eval.num_samples images and score them. Returns the report. A class-conditional model draws
+    uniformly random labels; a text family cycles through the prompts of sample.prompts / sample.prompt_embeds
+    (e.g. COCO captions; each `sample.per_class` times), the .npz labels being the prompt indices.
 
     The samples go to <workdir>/eval/<model>_step_<step>_<sampler><steps>_cfg<scale>_<id>/, where <id> hashes
     `samples_key`: an interrupted evaluation resumes there, and a model quantized (or trained) again never
     reuses another model's samples."""
     from terdit_jax.eval.evaluate import evaluate, generate_samples
+    from terdit_jax.data.conditions import kind_of
     from terdit_jax.sample import artifact_tag, generate, identify_model, latent_decoder, load_for_sampling, \
-        sampling_tag
+        sample_conditions, sampling_tag
 
     model = identify_model(config, workdir)  # a wrong name fails here, before the reference's Inception pass
     tag = artifact_tag(config)
@@ -69,9 +73,17 @@ def run_eval_mode(config, workdir: str, *, log=print) -> dict:
         json.dump(key_fields, f, indent=1)
     decode, key = latent_decoder(config), jax.random.key(s.seed)
 
+    text = sample_conditions(config, model_labels, log) if kind_of(config.model) == "caption" else None
+
     def sample_fn(start: int, count: int):  # deterministic in `start`, so an interrupted run resumes exactly
-        labels = np.random.default_rng([s.seed, start]).integers(0, config.model.num_classes, count)
-        images = generate(apply, params, model_labels(labels), config, jax.random.fold_in(key, start), decode=decode)
+        if text is None:
+            labels = np.random.default_rng([s.seed, start]).integers(0, config.model.num_classes, count)
+            y, null_y = model_labels(labels), None
+        else:
+            entry = np.arange(start, start + count) % len(text.rows)
+            labels, null_y = text.rows[entry], text.null_y
+            y = jax.tree_util.tree_map(lambda a: a[entry], text.y)
+        images = generate(apply, params, y, config, jax.random.fold_in(key, start), null_y=null_y, decode=decode)
         return images, labels
 
     log(f"sampling {n} images from {model['what']} into {out_dir} (resumable) ...")

@@ -38,6 +38,7 @@ class Family:
     fixed_params: Callable[[object], int] = lambda cfg: 0
     importer: str = ""
     check: Callable[[object], str | None] = lambda cfg: None
+    unused_for: Callable[[object], tuple[str, ...]] = lambda cfg: ()
     stacked_adaln: bool = True
 
 
@@ -73,6 +74,7 @@ FAMILIES: Registry[Family] = Registry("model family", {
         fixed_params=lambda cfg: (int(cfg.input_size) // int(cfg.patch_size)) ** 2 * int(cfg.dim),
         importer="terdit_jax.convert.pixart_official",
         check=pixart.check,
+        unused_for=lambda cfg: () if pixart.adaln_norm(cfg) else ("adaln_norm", "norm_eps"),
         stacked_adaln=False),
 })
 
