@@ -10,5 +10,8 @@ from terdit_jax.configs.pixart_alpha_512 import get_config as alpha_config
 def get_config():
     c = alpha_config()
     c.model.caption_len = 300  # PixArt-Σ's T5 token limit
-    c.data.image_size = 1024  # latents of the SDXL VAE
+    c.data.image_size = 1024
+    # PixArt-Σ's latents are the SDXL VAE's (the pipeline's vae/ folder as data.vae_path: the SD-VAE architecture,
+    # its own weights), scaled by its scaling_factor 0.13025 instead of the SD-VAE's 0.18215
+    c.data.latent_scale = 0.13025
     return c
