@@ -690,13 +690,13 @@ def _md_ptq_deploy(r: dict) -> list[str]:
 def _md_pixart(r: dict) -> list[str]:
     rows = [[v, _mb(x["model_bytes"]), _fmt(x["model_vs_bf16"], ".3f"), _mb(x["temp_bytes"]),
              _fmt(x.get("first_call_s"), ".3g"), _fmt(None if x.get("median_s") is None else 1e3 * x["median_s"], ".4g"),
-             _fmt(x.get("time_vs_bf16"), ".3f")] for v, x in r["rows"].items()]
+             _fmt(x.get("time_vs_bf16"), ".3f"), _fmt(x.get("output_finite"))] for v, x in r["rows"].items()]
     return [f"## PixArt low-bit forms ({r['model']}, {r['n_layers']} blocks, {r['caption_len']} caption tokens)", "",
             f"One CFG model call (batch {r['batch']}) on {r['device']}, random weights; median of {r['repeats']} "
             "alternated calls after one untimed call (which includes nothing of the compile: each variant is "
             "compiled before). MB = 10^6 bytes; temporaries from XLA's `memory_analysis()`; time ratio = variant / "
             "bf16.", ""] + _md_table(["variant", "stored MB", "vs bf16", "temporaries MB", "first call s", "median ms",
-                                     "time vs bf16"], rows)
+                                     "time vs bf16", "output finite"], rows)
 
 
 def _md_vs_diffusers(r: dict) -> list[str]:

@@ -137,20 +137,20 @@ def step_memory(model_cfg, variant: str):
     return row, compiled, state
 
 
-def time_calls(calls: dict, repeats: int) -> tuple[dict, dict]:
-    """({name: first call s}, {name: median s}) of zero-argument calls that each wait for their result; the timed
-    repeats alternate the variants, so a noisy machine's drift hits every one alike."""
-    first, times = {}, {n: [] for n in calls}
+def time_calls(calls: dict, repeats: int) -> tuple[dict, dict, dict]:
+    """({name: first call s}, {name: median s}, {name: first call's output}) of zero-argument calls that each wait
+    for their result; the timed repeats alternate the variants, so a noisy machine's drift hits every one alike."""
+    first, times, outs = {}, {n: [] for n in calls}, {}
     for n, call in calls.items():
         t0 = time.perf_counter()
-        call()
+        outs[n] = call()
         first[n] = time.perf_counter() - t0
     for _ in range(repeats):
         for n, call in calls.items():
             t0 = time.perf_counter()
             call()
             times[n].append(time.perf_counter() - t0)
-    return first, {n: statistics.median(ts) for n, ts in times.items()}
+    return first, {n: statistics.median(ts) for n, ts in times.items()}, outs
 
 
 def main(argv=None) -> dict:
@@ -180,10 +180,11 @@ def main(argv=None) -> dict:
         r["model_vs_bf16"] = round(r["model_bytes"] / rows["bf16"]["model_bytes"], 4)
         r["temp_vs_bf16"] = round(r["temp_bytes"] / rows["bf16"]["temp_bytes"], 4)
     if args.time:
-        first, med = time_calls(calls, args.repeats)
-        for v, r in rows.items():
+        first, med, outs = time_calls(calls, args.repeats)
+        for v, r in rows.items():  # finite: random weights that overflow would time a NaN path, not the model's
             r.update(first_call_s=round(first[v], 4), median_s=round(med[v], 6),
-                     time_vs_bf16=round(med[v] / med["bf16"], 4))
+                     time_vs_bf16=round(med[v] / med["bf16"], 4),
+                     output_finite=bool(np.isfinite(np.asarray(outs[v], np.float32)).all()))
     size = model_cfg.input_size * 8
     out = {"model": f"{'tiny PixArt' if args.quick else model_cfg.name} {size} px", "config": args.config,
            "quick": args.quick, "image_size": size, "image_tokens": (model_cfg.input_size // model_cfg.patch_size) ** 2,

@@ -92,7 +92,7 @@ def test_tiny_run_reports_every_stage_and_survives_a_failing_and_an_overrunning_
     assert dep["matmul"] and dep["step"]["median_s"]["W8A8"] > 0 and "## Deployed PTQ (integer matmuls)" in md
     pix = stages["pixart"]["result"]  # --quick --time on the CPU: every variant compiled and timed against bf16
     assert set(pix["rows"]) == {"fp32", "bf16", "packed_w1.58a16", "packed_w1.58a8", "W8A8", "W4A8"}
-    assert all(r["median_s"] > 0 and r["temp_bytes"] > 0 for r in pix["rows"].values())
+    assert all(r["median_s"] > 0 and r["temp_bytes"] > 0 and r["output_finite"] for r in pix["rows"].values())
     assert pix["rows"]["bf16"]["time_vs_bf16"] == 1.0 and "## PixArt low-bit forms" in md
     assert "===== kernels:" in (out / "gpu_suite.log").read_text()
 
