@@ -25,6 +25,9 @@ Stages (random weights of the real shapes; speed and memory do not depend on tra
                   16 calibration entries, 50 reconstruction iterations per unit): device peak, seconds per unit
   ptq_deploy      benchmarks/deploy_ptq.py --step: W8A8 and W4A8 integer matmuls at the DiT-XL/2 layer shapes, M from
                   256 to 8,192, and one DiT-XL/2 CFG model call deployed W8A8/W4A8, against bf16
+  pixart          benchmarks/pixart_lowbit_memory.py --time: one CFG model call of PixArt-Σ at 1024 px (4 of its 28
+                  blocks, 300 caption tokens) in fp32, bf16, packed W1.58A16/A8 and deployed W8A8/W4A8: stored
+                  bytes, compiled temporaries and median time, against bf16
   vs_diffusers    benchmarks/vs_diffusers.py: DiT-XL/2 CFG call, DiT-B/2 DDIM-50 sample and training step, SD-VAE
                   decode against diffusers on the same GPU when a CUDA torch and diffusers import; otherwise ours
                   alone, absolute times on the named device, and the comparison "not measured"
@@ -56,14 +59,14 @@ NOT_MEASURED = "not measured"
 # suite's own work) and under the 8 minutes one call may take; each stage may also spend what earlier stages
 # left unused (never what later ones are owed), so the run ends within the total whatever happens. How each
 # was sized is in benchmarks/gpu_suite.md.
-BUDGETS = {"install": 20, "env": 15, "kernels": 70, "sample_4.2b": 65, "train_600m": 70, "train_4.2b_512": 45,
-           "sample_600m": 30, "demo": 25, "ptq_512": 25, "ptq_deploy": 45, "vs_diffusers": 55}
+BUDGETS = {"install": 10, "env": 10, "kernels": 70, "sample_4.2b": 65, "train_600m": 70, "train_4.2b_512": 45,
+           "sample_600m": 30, "demo": 25, "ptq_512": 25, "ptq_deploy": 45, "pixart": 25, "vs_diffusers": 45}
 TOTAL_BUDGET_S = 470
 # --tiny on a 2-core CPU: each stage took 1-31 s on the VM under a load of ~4; 4-60x that, so that a busy CI
 # machine does not time a stage out (the test runs --tiny).
 TINY_BUDGETS = {"install": 60, "env": 60, "kernels": 120, "sample_4.2b": 120, "train_600m": 180,
                 "train_4.2b_512": 120, "sample_600m": 120, "demo": 150, "ptq_512": 150, "ptq_deploy": 120,
-                "vs_diffusers": 120}
+                "pixart": 120, "vs_diffusers": 120}
 STAGES = tuple(BUDGETS)
 FORCED_FAILURE_FLAG = "--gpu-suite-forced-failure"  # an argument no stage's parser accepts (--fail)
 
@@ -364,6 +367,15 @@ def cmd_ptq_deploy(ctx):
     return [ctx.python, script, "--step", *(["--quick"] if ctx.tiny else [])], {}, None
 
 
+def cmd_pixart(ctx):
+    script = os.path.join(ROOT, "benchmarks", "pixart_lowbit_memory.py")
+    # 4 of PixArt-Σ's 28 blocks: six variants' random weights and compiles fit the budget, and the per-block cost,
+    # which is what the low-bit forms change, still outweighs the embedders and the final layer
+    size = ["--quick", "--repeats", "2"] if ctx.tiny else ["--config", "pixart_sigma_1024", "--layers", "4",
+                                                          "--repeats", "10"]
+    return [ctx.python, script, "--time", *size], {}, None
+
+
 def cmd_vs_diffusers(ctx):
     script = os.path.join(ROOT, "benchmarks", "vs_diffusers.py")
     # torch.compile off: inductor's compile of DiT-XL/2 alone would take most of the stage's budget
@@ -375,7 +387,7 @@ def cmd_vs_diffusers(ctx):
 COMMANDS = {"env": cmd_env, "kernels": cmd_kernels, "sample_4.2b": lambda c: _cmd_sample(c, "4.2B"),
             "train_600m": cmd_train_600m, "train_4.2b_512": cmd_train_4b,
             "sample_600m": lambda c: _cmd_sample(c, "600M"), "demo": cmd_demo, "ptq_512": cmd_ptq,
-            "ptq_deploy": cmd_ptq_deploy, "vs_diffusers": cmd_vs_diffusers}
+            "ptq_deploy": cmd_ptq_deploy, "pixart": cmd_pixart, "vs_diffusers": cmd_vs_diffusers}
 
 
 def run_stage(ctx: Context, name: str, allowed_s: float) -> dict:
@@ -675,6 +687,18 @@ def _md_ptq_deploy(r: dict) -> list[str]:
              + f"; speedup over bf16: W8A8 {st['speedup_vs_bf16']['W8A8']}, W4A8 {st['speedup_vs_bf16']['W4A8']}."]
 
 
+def _md_pixart(r: dict) -> list[str]:
+    rows = [[v, _mb(x["model_bytes"]), _fmt(x["model_vs_bf16"], ".3f"), _mb(x["temp_bytes"]),
+             _fmt(x.get("first_call_s"), ".3g"), _fmt(None if x.get("median_s") is None else 1e3 * x["median_s"], ".4g"),
+             _fmt(x.get("time_vs_bf16"), ".3f"), _fmt(x.get("output_finite"))] for v, x in r["rows"].items()]
+    return [f"## PixArt low-bit forms ({r['model']}, {r['n_layers']} blocks, {r['caption_len']} caption tokens)", "",
+            f"One CFG model call (batch {r['batch']}) on {r['device']}, random weights; median of {r['repeats']} "
+            "alternated calls after one untimed call (which includes nothing of the compile: each variant is "
+            "compiled before). MB = 10^6 bytes; temporaries from XLA's `memory_analysis()`; time ratio = variant / "
+            "bf16.", ""] + _md_table(["variant", "stored MB", "vs bf16", "temporaries MB", "first call s", "median ms",
+                                     "time vs bf16", "output finite"], rows)
+
+
 def _md_vs_diffusers(r: dict) -> list[str]:
     m = r["machine"]
     lines = ["## Against diffusers", "", f"JAX on {m['jax_device']}, torch on {m['torch_device'] or NOT_MEASURED} "
@@ -688,7 +712,7 @@ def _md_vs_diffusers(r: dict) -> list[str]:
 
 SECTIONS = (("kernels", _md_kernels), ("sample_4.2b", _md_sample), ("train_600m", _md_train),
             ("train_4.2b_512", _md_train_4b), ("sample_600m", _md_sample), ("demo", _md_demo), ("ptq_512", _md_ptq),
-            ("ptq_deploy", _md_ptq_deploy), ("vs_diffusers", _md_vs_diffusers))
+            ("ptq_deploy", _md_ptq_deploy), ("pixart", _md_pixart), ("vs_diffusers", _md_vs_diffusers))
 
 
 def render_md(report: dict) -> str:

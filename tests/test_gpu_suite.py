@@ -61,7 +61,7 @@ def test_tiny_run_reports_every_stage_and_survives_a_failing_and_an_overrunning_
     assert {n: s["status"] for n, s in stages.items()} == {
         "install": "ok", "env": "ok", "kernels": "ok", "sample_4.2b": "ok", "train_600m": "ok",
         "train_4.2b_512": "ok", "sample_600m": "timed out", "demo": "failed", "ptq_512": "ok", "ptq_deploy": "ok",
-        "vs_diffusers": "ok"}, stages["install"]
+        "pixart": "ok", "vs_diffusers": "ok"}, stages["install"]
     assert stages["install"]["missing"] == missing and sorted(stages["install"]["installed"]) == sorted(stubs)
     assert suite.FORCED_FAILURE_FLAG.lstrip("-") in stages["demo"]["error"]
     assert stages["sample_600m"]["wall_s"] < 2 + 25  # stopped (process group killed), not waited for
@@ -90,6 +90,10 @@ def test_tiny_run_reports_every_stage_and_survives_a_failing_and_an_overrunning_
     assert "## Against diffusers" in md
     dep = stages["ptq_deploy"]["result"]  # --quick on the CPU: the integer matmuls and the model call ran
     assert dep["matmul"] and dep["step"]["median_s"]["W8A8"] > 0 and "## Deployed PTQ (integer matmuls)" in md
+    pix = stages["pixart"]["result"]  # --quick --time on the CPU: every variant compiled and timed against bf16
+    assert set(pix["rows"]) == {"fp32", "bf16", "packed_w1.58a16", "packed_w1.58a8", "W8A8", "W4A8"}
+    assert all(r["median_s"] > 0 and r["temp_bytes"] > 0 and r["output_finite"] for r in pix["rows"].values())
+    assert pix["rows"]["bf16"]["time_vs_bf16"] == 1.0 and "## PixArt low-bit forms" in md
     assert "===== kernels:" in (out / "gpu_suite.log").read_text()
 
 
@@ -267,3 +271,30 @@ def test_a_stopped_kernel_stage_leaves_its_measured_rows_tabulated_but_unjudged(
     md = suite.render_md(report)
     assert "| bf16 | 2 | adaLN_stacked (8→8) |" in md and "partial: the stage timed out" in md
     assert suite.partial_kernels(types.SimpleNamespace(work=str(tmp_path / "none"))) is None
+
+
+def test_pixart_stage_draws_valid_random_weights_and_rejects_an_unknown_config():
+    """The pixart stage's script: --layers sets the depth, its random weights have the abstract state's shapes and
+    dtypes, every packed byte holds four valid 2-bit ternary codes (0, 1, 2; checked bit by bit in NumPy), and an
+    unknown config is one `error:` line and exit 2."""
+    from flax import nnx
+    pix = _load("pixart_lowbit_memory")
+    cfg = pix.pixart_config("pixart_sigma_1024", quick=True, layers=1)
+    assert cfg.n_layers == 1 and cfg.family == "pixart"
+    assert pix.pixart_config("pixart_sigma_1024").caption_len == 300  # Σ's caption, the config's own depth
+    for variant in ("packed_w1.58a8", "W4A8"):
+        _, state = pix.variant_state(cfg, variant)
+        concrete, packed = nnx.to_flat_state(pix.random_state(state)), []
+        for (path, s), (path2, a) in zip(nnx.to_flat_state(state), concrete):
+            s, a = s.get_value(), np.asarray(a.get_value())
+            assert path == path2 and a.shape == tuple(s.shape) and a.dtype == np.dtype(s.dtype)
+            if path[-1] == "packed":
+                packed.append(a.ravel())
+            elif np.issubdtype(a.dtype, np.floating):
+                assert np.isfinite(a).all()
+        if variant.startswith("packed"):  # every one of the 81 bytes without a code 3 drawn, and no other
+            valid = [b for b in range(256) if all((b >> shift) & 3 != 3 for shift in (0, 2, 4, 6))]
+            assert len(valid) == 81 and np.unique(np.concatenate(packed)).tolist() == valid
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "pixart_lowbit_memory.py"), "--config",
+                        "pixart_nope"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error:" in r.stderr and "pixart_sigma_1024" in r.stderr, r.stderr
