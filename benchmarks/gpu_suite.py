@@ -136,6 +136,12 @@ class Context:
         if self.cache and self.cache != "none":
             # a rerun on the same (warm) machine, and stages that compile the same program, reuse executables
             env["JAX_COMPILATION_CACHE_DIR"] = self.cache
+        if not self.tiny and "xla_gpu_autotune_level" not in env.get("XLA_FLAGS", ""):
+            # The first H200 run (2026-12-04) timed out in every stage: each sat in XLA's GPU compile for its whole
+            # budget (the stack was in backend_compile_and_load), autotuning every GEMM. At autotune level 0 the
+            # deployed DiT-XL/2 CFG call compiled in 11.6 s (bf16) and 22 s (W8A8) and the stage finished. Both
+            # sides of every ratio compile the same way; pass your own XLA_FLAGS with the level to autotune.
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
         if self.tiny:
             env["JAX_PLATFORMS"] = "cpu"  # the XLA fallback and the interpreted kernels, also on a GPU machine
             # LLVM at -O0: a toy train step then compiles in ~3 s instead of ~16 s on a 2-core CPU (measured), and
