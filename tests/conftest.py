@@ -64,3 +64,21 @@ def tiny_config(**model):
 
 def tiny_model_config(**model):
     return tiny_config(**model).model
+
+
+def diffusers_pixart(*, sample_size, dim, heads, layers, caption_channels, patch=2, micro=False, seed=0, scale=0.2):
+    """diffusers' PixArtTransformer2DModel (PixArt-α's block settings) of a tiny config, every parameter redrawn
+    N(0, scale²) so that no path is zero-initialised; the reference the pixart tests compare against."""
+    import torch
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(sample_size=sample_size, patch_size=patch, in_channels=4, out_channels=8,
+                                     num_layers=layers, num_attention_heads=heads, attention_head_dim=dim // heads,
+                                     cross_attention_dim=dim, caption_channels=caption_channels,
+                                     norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                                     attention_bias=True, activation_fn="gelu-approximate",
+                                     use_additional_conditions=micro).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+    return model

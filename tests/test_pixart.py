@@ -5,6 +5,7 @@ import pytest
 import torch
 from flax import nnx
 
+from conftest import diffusers_pixart
 from terdit_jax.config import base_config, finalize
 from terdit_jax.convert.pixart_diffusers import load_diffusers
 from terdit_jax.models.families import build, count_params
@@ -24,17 +25,8 @@ def tiny_cfg():
 @pytest.mark.parametrize("micro", [False, True])
 def test_pixart_equals_diffusers_with_random_weights(micro):
     """micro: PixArt-α 1024's resolution and aspect-ratio conditions (square images at the config's size)."""
-    from diffusers import PixArtTransformer2DModel
-    torch.manual_seed(0)
     d = 48 if micro else D  # the micro-conditions split the width in thirds
-    ref = PixArtTransformer2DModel(sample_size=LATENT, patch_size=P, in_channels=4, out_channels=8, num_layers=L,
-                                   num_attention_heads=H, attention_head_dim=d // H, cross_attention_dim=d,
-                                   caption_channels=CC, norm_type="ada_norm_single", norm_elementwise_affine=False,
-                                   norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate",
-                                   use_additional_conditions=micro).eval()
-    with torch.no_grad():  # diffusers zero-initialises some layers: randomise all so every path matters
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
+    ref = diffusers_pixart(sample_size=LATENT, dim=d, heads=H, layers=L, caption_channels=CC, patch=P, micro=micro)
     cfg = tiny_cfg()
     cfg.model.update(dim=d, micro_conditions=micro)
     model = build(cfg.model, nnx.Rngs(0))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import diffusers_pixart
 from terdit_jax.checkpoint import load_ema
 from terdit_jax.config import finalize
 from terdit_jax.convert import pixart_official as po
@@ -27,17 +28,7 @@ def get_config():
 
 @pytest.fixture(scope="module")
 def ref():
-    from diffusers import PixArtTransformer2DModel
-    torch.manual_seed(0)
-    model = PixArtTransformer2DModel(sample_size=LATENT, patch_size=P, in_channels=4, out_channels=8, num_layers=L,
-                                     num_attention_heads=H, attention_head_dim=D // H, cross_attention_dim=D,
-                                     caption_channels=CC, norm_type="ada_norm_single", norm_elementwise_affine=False,
-                                     norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate",
-                                     use_additional_conditions=False).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    return model
+    return diffusers_pixart(sample_size=LATENT, dim=D, heads=H, layers=L, caption_channels=CC, patch=P)
 
 
 def original_layout(ref) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import diffusers_pixart
 from terdit_jax.config import ConfigError, base_config, finalize
 from terdit_jax.configs import pixart_alpha_512
 from terdit_jax.diffusion.samplers import cfg_model_fn
@@ -347,22 +348,14 @@ def test_prompts_to_latents_equal_diffusers_pixart_alpha_pipeline(pipeline_dir, 
     """The whole chain (prompt file → tokenizer → T5 → captions, the empty prompt for CFG 4.5, DPM-Solver++(2M),
     prepared caption K/V) against diffusers' PixArtAlphaPipeline with the same tiny random transformer and T5."""
     import torch
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
     from transformers import T5TokenizerFast
     from terdit_jax.convert.pixart_diffusers import load_diffusers
     from terdit_jax.diffusion.schedule import linear_betas
     from terdit_jax.sample import generate, sample_conditions
     root, t5 = pipeline_dir
     size = 8
-    torch.manual_seed(0)
-    ref = PixArtTransformer2DModel(sample_size=size, patch_size=2, in_channels=4, out_channels=8, num_layers=L,
-                                   num_attention_heads=H, attention_head_dim=D // H, cross_attention_dim=D,
-                                   caption_channels=CC, norm_type="ada_norm_single", norm_elementwise_affine=False,
-                                   norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate",
-                                   use_additional_conditions=False).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
+    ref = diffusers_pixart(sample_size=size, dim=D, heads=H, layers=L, caption_channels=CC)
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, trained_betas=linear_betas(1000),
                                             solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero")
     pipe = PixArtAlphaPipeline(tokenizer=T5TokenizerFast.from_pretrained(str(root / "tokenizer")), text_encoder=t5,

@@ -32,3 +32,31 @@ def load_config_file(path: str, error: type[Exception]):
     except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported the same way
         raise error(f"could not load the config file {path} ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
                     ) from e
+
+
+def fill_state(state_dict: dict, model_cfg, lookup, used: set, what: str, error: type[Exception]):
+    """Our params (the nnx.State of the model `model_cfg` builds), each variable filled by lookup(path, want) from
+    `state_dict` (`trees.fill`); `used` holds the keys lookup read and those checked elsewhere. Missing, unknown
+    and misshapen tensors raise one `error` that lists them after `what` ("x.pt does not match DiT-XL/2 (...)")."""
+    from terdit_jax import trees
+    from terdit_jax.model_fn import abstract_model
+
+    state, missing, bad = trees.fill(abstract_model(model_cfg)[1], lookup)
+    unknown = sorted(set(state_dict) - used)
+    if missing or unknown or bad:
+        short = lambda xs: f"{xs[:8]}{f' … ({len(xs)} in all)' if len(xs) > 8 else ''}"  # noqa: E731
+        raise error(f"{what}: missing keys {short(missing)}; unknown keys {short(unknown)}; bad tensors {short(bad)}")
+    return state
+
+
+def save_imported(ckpt_dir: str, params, model_cfg, source: dict) -> str:
+    """Write imported weights as the weights-only checkpoint step 0 of ckpt_dir (what --mode sample|eval read)
+    and return its path."""
+    from terdit_jax.checkpoint import Checkpoints
+
+    ckpt = Checkpoints(ckpt_dir, async_save=False)
+    try:
+        ckpt.save_weights(0, params, model_cfg, source)
+    finally:
+        ckpt.close()
+    return os.path.join(ckpt_dir, "0")

@@ -29,9 +29,8 @@ import numpy as np
 from terdit_jax import trees
 from terdit_jax import convert
 from terdit_jax.convert import torch_module
-from terdit_jax.checkpoint import CheckpointError, Checkpoints
+from terdit_jax.checkpoint import CheckpointError
 from terdit_jax.config import ConfigError, finalize
-from terdit_jax.model_fn import abstract_model
 from terdit_jax.models import dit_xl
 from terdit_jax.models.families import count_params
 
@@ -250,14 +249,9 @@ def convert_state(sd: dict[str, np.ndarray], model_cfg, source: str = "the check
             return np.ascontiguousarray(t.T)
         return t
 
-    state, missing, bad = trees.fill(abstract_model(model_cfg)[1], lookup)
-    unknown = sorted(set(sd) - used)
-    if missing or unknown or bad:
-        short = lambda xs: f"{xs[:8]}{f' … ({len(xs)} in all)' if len(xs) > 8 else ''}"  # noqa: E731
-        raise ConversionError(f"{source} does not match {model_cfg.name} (D={model_cfg.dim}, {model_cfg.n_layers} "
-                              f"blocks, {model_cfg.n_heads} heads, {model_cfg.num_classes} classes): missing keys "
-                              f"{short(missing)}; unknown keys {short(unknown)}; bad tensors {short(bad)}")
-    return state
+    return convert.fill_state(sd, model_cfg, lookup, used, f"{source} does not match {model_cfg.name} "
+                              f"(D={model_cfg.dim}, {model_cfg.n_layers} blocks, {model_cfg.n_heads} heads, "
+                              f"{model_cfg.num_classes} classes)", ConversionError)
 
 
 def _has_steps(directory: str) -> list[str]:
@@ -293,12 +287,8 @@ def convert_official(ckpt_path: str, out_dir: str, *, config=None) -> dict:
     del sd
     meta = {"kind": "dit-official", "file": os.path.abspath(ckpt_path), "nested": nested, "preset": info["name"],
             "image_size": int(config.data.image_size)}
-    ckpt = Checkpoints(ckpt_dir, async_save=False)
-    try:
-        ckpt.save_weights(0, params, config.model, meta)
-    finally:
-        ckpt.close()
-    return {"config": config, "source": meta, "checkpoint": os.path.join(ckpt_dir, "0"), "sample_config": sample_config}
+    checkpoint = convert.save_imported(ckpt_dir, params, config.model, meta)
+    return {"config": config, "source": meta, "checkpoint": checkpoint, "sample_config": sample_config}
 
 
 def sample_command(result: dict, out_dir: str) -> str:

@@ -33,13 +33,11 @@ import sys
 import numpy as np
 
 from terdit_jax import convert
-from terdit_jax.checkpoint import CheckpointError, Checkpoints
+from terdit_jax.checkpoint import CheckpointError
 from terdit_jax.config import ConfigError, finalize
 from terdit_jax.convert.pixart_diffusers import IGNORED, module_path, to_param
-from terdit_jax.model_fn import abstract_model
 from terdit_jax.models import pixart
 from terdit_jax.models.families import count_params
-from terdit_jax import trees
 
 SHIPPED = {512: "pixart_alpha_512.py", 1024: "pixart_sigma_1024.py"}
 MICRO_CONFIG = "pixart_alpha_1024.py"  # weights with micro-conditions (PixArt-α 1024-MS)
@@ -229,14 +227,9 @@ def convert_state(sd: dict[str, np.ndarray], model_cfg, source: str):
         used.add(key)
         return to_param(key, sd[key])
 
-    state, missing, bad = trees.fill(abstract_model(model_cfg)[1], lookup)
-    unknown = sorted(set(sd) - used)
-    if missing or unknown or bad:
-        short = lambda xs: f"{xs[:6]}{f' … ({len(xs)} in all)' if len(xs) > 6 else ''}"  # noqa: E731
-        raise ConversionError(f"{source} does not match {model_cfg.name} (D={model_cfg.dim}, {model_cfg.n_layers} "
-                              f"blocks, caption width {model_cfg.caption_channels}): missing {short(missing)}; "
-                              f"unknown keys {short(unknown)}; bad tensors {short(bad)}")
-    return state
+    return convert.fill_state(sd, model_cfg, lookup, used, f"{source} does not match {model_cfg.name} "
+                              f"(D={model_cfg.dim}, {model_cfg.n_layers} blocks, caption width "
+                              f"{model_cfg.caption_channels})", ConversionError)
 
 
 def import_pixart(src: str, out_dir: str, *, config=None) -> dict:
@@ -265,12 +258,8 @@ def import_pixart(src: str, out_dir: str, *, config=None) -> dict:
     del sd
     meta = {"kind": "pixart", "layout": layout, "file": os.path.abspath(src),
             "image_size": int(config.data.image_size)}
-    ckpt = Checkpoints(ckpt_dir, async_save=False)
-    try:
-        ckpt.save_weights(0, params, config.model, meta)
-    finally:
-        ckpt.close()
-    return {"config": config, "source": meta, "checkpoint": os.path.join(ckpt_dir, "0"), "config_file": config_file}
+    checkpoint = convert.save_imported(ckpt_dir, params, config.model, meta)
+    return {"config": config, "source": meta, "checkpoint": checkpoint, "config_file": config_file}
 
 
 def main(argv=None):
