@@ -271,10 +271,8 @@ def sample_grid(apply, params, config, path: str, key, *, per_class: int | None 
     params = _local_copy(params)
     if not parallel.is_main_process():
         return None, labels
-    if captions is None:
-        images = generate(apply, params, labels, config, key, decode=decode)
-    else:
-        images = generate(apply, params, captions.condition(labels), config, key, null_y=captions.null(), decode=decode)
+    y, null_y = (labels, None) if captions is None else (captions.condition(labels), captions.null())
+    images = generate(apply, params, y, config, key, null_y=null_y, decode=decode)
     save_grid(path, images, labels)
     return images, labels
 

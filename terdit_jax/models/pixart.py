@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from terdit_jax.models.backbone import Context, DiffusionTransformer, modulate, patchify, unpatchify
+from terdit_jax.models.backbone import Context, DiffusionTransformer, modulate, patchify
 from terdit_jax.models.layers import LayerNorm, RMSNorm, attention_sites, site_attention, timestep_features
 from terdit_jax.models.linears import layer_kind, make_linear
 from terdit_jax.models.ternary import normal_init, xavier_uniform, zeros_init
@@ -261,6 +261,3 @@ class PixArt(DiffusionTransformer):
     def block_context(self, ctx: Context, i: int) -> Context:
         cap = ctx.caption
         return ctx if cap.kv is None else ctx._replace(caption=cap._replace(kv=cap.kv[i]))
-
-    def unembed(self, tokens, c, ctx, h, w):
-        return unpatchify(self.final_layer(tokens, c, ctx.t), self.patch_size, h, w).astype(jnp.float32)
