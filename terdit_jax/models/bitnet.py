@@ -33,7 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from terdit_jax.models.ternary import ACT_BITS, Dense, absmean_ternary, int8_accumulate, int8_linear
+from terdit_jax.models.ternary import ACT_BITS, Dense, absmean_ternary, int8_accumulate, int8_linear, token_matmul
 from terdit_jax.quant.sites import SiteError, quantize
 
 
@@ -124,7 +124,7 @@ class BitLinear(Dense):
         if self.act_bits == 8:
             return int8_linear(h, self.weight(), self.codes(), self.scale(),
                                None if self.bias is None else self.bias[...], self.dtype)
-        y = jnp.dot(h.astype(self.dtype), self.weight().astype(self.dtype))
+        y = token_matmul(h.astype(self.dtype), self.weight().astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
     def accumulator(self, x: jax.Array) -> jax.Array:

@@ -127,6 +127,14 @@ def int8_linear(x: jax.Array, w: jax.Array, w_t: jax.Array, scale: jax.Array, bi
     return y.astype(dtype).reshape(*lead, y.shape[-1])
 
 
+def token_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., K) · w (K, N) → (..., N) as one 2-D matmul over the flattened tokens. With x's leading axes kept, the
+    weight gradient contracts two axes (batch and tokens), and XLA's CPU pipeline then writes each cotangent
+    transposed, fused with its producer, a slow strided pass per linear in the training step on the CPU
+    (benchmarks/vs_diffusers.py's train row). The reshapes are free (row-major bitcasts) on every backend."""
+    return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 def xavier_uniform(key, shape, dtype=jnp.float32):
     """Glorot/Xavier uniform for a (fan_in, fan_out) kernel, as torch's xavier_uniform_."""
     limit = math.sqrt(6.0 / (shape[0] + shape[1]))
@@ -166,7 +174,7 @@ class Dense(nnx.Module):
 
     def forward(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
         x = quantize(self.input_site, x, t)
-        y = jnp.dot(x.astype(self.dtype), quantize(self.weight_site, self.weight(), t).astype(self.dtype))
+        y = token_matmul(x.astype(self.dtype), quantize(self.weight_site, self.weight(), t).astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
