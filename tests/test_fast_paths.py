@@ -1,0 +1,119 @@
+"""The CPU speed fixes of benchmarks/vs_diffusers.py's rows: each computes what the plain formula computes (checked
+against NumPy or an independent JAX implementation) and has the form it was written for (a check that fails on
+the code before the fix)."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from terdit_jax import xla_defaults
+from terdit_jax.models.layers import head_major_attention
+from terdit_jax.models.ternary import Dense, token_matmul, xavier_uniform
+
+
+def _softmax_attention_np(q, k, v, scale, mask=None):
+    """float64 loop over batch and heads: softmax(q·kᵀ·scale)·v, masked keys left out."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    out = np.zeros_like(q)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[2]):
+            s = q[b, :, h] @ k[b, :, h].T * scale
+            if mask is not None:
+                s = np.where(mask[b][None, :] > 0, s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, :, h]
+    return out
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_head_major_attention_equals_softmax_attention_and_its_gradient(masked):
+    r = np.random.default_rng(0)
+    q, k, v = (r.standard_normal((2, 5, 3, 8), np.float32) for _ in range(3))
+    k = k[:, :4] if not masked else k
+    v = v[:, :4] if not masked else v
+    mask = np.array([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]], np.int32) if masked else None
+    scale = 0.3
+    got = head_major_attention(*map(jnp.asarray, (q, k, v)), scale, None if mask is None else jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got), _softmax_attention_np(q, k, v, scale, mask), rtol=2e-5, atol=2e-6)
+
+    # gradients against jax.nn.dot_product_attention's own (XLA) implementation
+    g = r.standard_normal(q.shape, np.float32)
+    m = None if mask is None else jnp.asarray(mask)[:, None, None, :] > 0
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v) * g)
+    ours = jax.grad(loss(lambda q, k, v: head_major_attention(q, k, v, scale, None if mask is None
+                                                                  else jnp.asarray(mask))), (0, 1, 2))(q, k, v)
+    ref = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, mask=m)), (0, 1, 2))(
+        q, k, v)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_without_sites_runs_head_major_on_the_cpu(monkeypatch):
+    from terdit_jax.models import layers
+    calls = []
+    monkeypatch.setattr(layers, "head_major_attention", lambda *a: calls.append(a) or a[0])
+    q = jnp.ones((1, 4, 2, 8))
+    layers.attention(q, q, q, None, None)
+    assert jax.default_backend() == "cpu" and len(calls) == 1 and calls[0][3] == pytest.approx(8 ** -0.5)
+
+
+def _dot_ranks(fn, *args) -> list[int]:
+    """Operand ranks of every dot_general in fn's jaxpr (nested jaxprs included)."""
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general":
+                yield from (len(v.aval.shape) for v in e.invars)
+            for p in e.params.values():
+                sub = getattr(p, "jaxpr", p)
+                if hasattr(sub, "eqns"):
+                    yield from walk(sub)
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def test_dense_on_token_batches_is_one_2d_matmul_in_both_directions():
+    """(B, T, K) inputs: the forward and both gradients are 2-D matmuls over the B·T tokens (with the batch and
+    token axes kept, XLA's CPU pipeline writes every weight gradient's cotangent transposed)."""
+    layer = Dense(6, 5, use_bias=True, kernel_init=xavier_uniform, axes=(None, None), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(1), (2, 3, 6))
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+    ranks = _dot_ranks(jax.grad(loss, argnums=(0, 1)), params, x)
+    assert len(ranks) == 6 and set(ranks) == {2}, ranks
+    w = np.asarray(layer.kernel[...])
+    np.testing.assert_allclose(np.asarray(token_matmul(x, jnp.asarray(w))),
+                               np.einsum("btk,kn->btn", np.asarray(x, np.float64), w), rtol=1e-5, atol=1e-6)
+
+
+def test_xla_defaults_leave_what_the_user_set_and_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(xla_defaults, "_backend_started", lambda: False)  # (this process's backend has started)
+    env = {}
+    assert xla_defaults.apply(env) == ["--xla_cpu_experimental_ynn_fusion_type="]
+    assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=X"}
+    assert xla_defaults.apply(dict(env)) == []
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    xla_defaults.apply(env)
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
+                                        "--xla_cpu_experimental_ynn_fusion_type="]
+    env = {"TERDIT_XLA_DEFAULTS": "0"}
+    assert xla_defaults.apply(env) == [] and "XLA_FLAGS" not in env
+    monkeypatch.setattr(xla_defaults, "_backend_started", lambda: True)  # too late: XLA has read its flags
+    assert xla_defaults.apply({}) == []
+
+
+def test_importing_the_package_first_compiles_dots_without_ynnpack():
+    code = ("import terdit_jax, jax, jax.numpy as jnp; x = jnp.ones((64, 64)); "
+            "print(jax.jit(lambda a: jax.nn.gelu(a @ a)).lower(x).compile().as_text().count('__ynn_fusion'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TERDIT_XLA_DEFAULTS")}
+    counts = [subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120, check=True).stdout.split()[-1] for extra in ({}, {"TERDIT_XLA_DEFAULTS": "0"})]
+    assert counts[0] == "0" and int(counts[1]) > 0  # the second: XLA's own settings do use YNNPACK here
