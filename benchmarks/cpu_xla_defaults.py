@@ -1,7 +1,10 @@
 """The project's CPU XLA settings (terdit_jax/xla_defaults.py) against XLA's own, on the programs the project
-runs: each workload is compiled twice in one process (`compiler_options` = the project's FLAGS, and XLA_OWN),
-both outputs are checked to agree, then the two are timed alternately and the JSON gives the medians and
-ratio = project / XLA's own (< 1: the project's settings are faster).
+runs. The settings are process-wide (XLA reads XLA_FLAGS when its CPU client starts, and per-program compile
+options do not reproduce everything they change), so each variant runs in its own worker process: the project's
+as a user gets it, XLA's own with TERDIT_XLA_DEFAULTS=0. Workers of the two variants alternate (the order
+rotated every round); each builds the workload from the same seeds, compiles it, makes one untimed call whose
+output the parent compares across variants, then times --calls calls. The JSON gives the medians over all rounds
+and ratio = project / XLA's own (< 1: the project's settings are faster).
 
     python benchmarks/cpu_xla_defaults.py            # DiT-S/2 forward, DiT-B/2 training step, SD-VAE decode
     python benchmarks/cpu_xla_defaults.py --quick    # tiny shapes (seconds; the test suite runs it)
@@ -16,7 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -24,42 +30,29 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import terdit_jax  # noqa: E402,F401  (applies the project's XLA flags before JAX starts)
+import terdit_jax  # noqa: E402,F401  (applies the project's XLA flags before JAX starts, unless turned off)
 import vs_diffusers as vd  # noqa: E402
 
 TOL = 1e-4  # max |project − XLA's own| / max |XLA's own|: the same computation, summed in another order
+VARIANTS = {"project": {}, "xla_own": {"TERDIT_XLA_DEFAULTS": "0"}}
 
 
-def _variants(fn, args, donate=()) -> dict:
-    """name → compiled fn for the project's flags and XLA's own."""
+def dit_forward(p):
+    """→ (zero-argument call, compiled program)."""
     import jax
-    from terdit_jax import xla_defaults
-    lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
-    return {"project": lowered.compile(compiler_options=xla_defaults.FLAGS),
-            "xla_own": lowered.compile(compiler_options=xla_defaults.XLA_OWN)}
-
-
-def ynn_fusions(compiled) -> int:
-    """YNNPACK fusions in a compiled program (0 under the project's flags: the check that the two differ)."""
-    return compiled.as_text().count("__ynn_fusion")
-
-
-def dit_forward(p) -> tuple[dict, dict]:
     import jax.numpy as jnp
-    a = types.SimpleNamespace(dev=None, perturb=0.0)
-    config, apply, params, _ = vd.build_dit(p.ddim_dit, p, a, seed=2)
+    config, apply, params, _ = vd.build_dit(p.ddim_dit, p, types.SimpleNamespace(dev=None, perturb=0.0), seed=2)
     x, t, y = (np.concatenate([v, v]) for v in vd._inputs(p, config.model, seed=3))
     args = (params, *(jnp.asarray(v) for v in (x, t, y)))
-    compiled = _variants(apply, args)
-    return {k: (lambda c=c: c(*args)) for k, c in compiled.items()}, compiled
+    compiled = jax.jit(apply).lower(*args).compile()
+    return lambda: compiled(*args), compiled
 
 
-def train_step(p) -> tuple[dict, dict]:
+def train_step(p):
     import jax
     import jax.numpy as jnp
     import optax
-    a = types.SimpleNamespace(dev=None, perturb=0.0)
-    config, apply, params, _ = vd.build_dit(p.train_dit, p, a, seed=4)
+    config, apply, params, _ = vd.build_dit(p.train_dit, p, types.SimpleNamespace(dev=None, perturb=0.0), seed=4)
     m = config.model
     x, t, y = vd._inputs(p, m, seed=5)
     eps = np.random.default_rng(6).standard_normal(x.shape, dtype=np.float32)
@@ -72,17 +65,17 @@ def train_step(p) -> tuple[dict, dict]:
         return optax.apply_updates(params, upd), opt, loss
 
     batch = tuple(jnp.asarray(v) for v in (x, t, y, eps))
-    compiled = _variants(step, (params, tx.init(params), *batch), donate=(0, 1))
-    states = {k: [jax.tree.map(jnp.copy, params), tx.init(params)] for k in compiled}
+    state = [params, tx.init(params)]
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*state, *batch).compile()
 
-    def run(k):
-        s = states[k]
-        s[0], s[1], loss = compiled[k](*s, *batch)
+    def run():  # the first call's loss is the compared output (both variants start from the same state)
+        state[0], state[1], loss = compiled(*state, *batch)
         return loss
-    return {k: (lambda k=k: run(k)) for k in compiled}, compiled
+    return run, compiled
 
 
-def vae_decode(p) -> tuple[dict, dict]:
+def vae_decode(p):
+    import jax
     import jax.numpy as jnp
     from flax import nnx
     from terdit_jax.vae.autoencoder_kl import AutoencoderKL, VAEConfig
@@ -90,28 +83,77 @@ def vae_decode(p) -> tuple[dict, dict]:
                                                                "latent_channels", "norm_num_groups", "sample_size")})
     graphdef, state = nnx.split(AutoencoderKL(cfg, rngs=nnx.Rngs(7)))
     z = jnp.asarray(np.random.default_rng(8).standard_normal((p.batch, p.latent, p.latent, 4), dtype=np.float32))
-    compiled = _variants(lambda s, z: nnx.merge(graphdef, s).decode(z), (state, z))
-    return {k: (lambda c=c: c(state, z)) for k, c in compiled.items()}, compiled
+    compiled = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z)).lower(state, z).compile()
+    return lambda: compiled(state, z), compiled
 
 
 WORKLOADS = {"dit_forward": dit_forward, "train_step": train_step, "vae_decode": vae_decode}
-REPEATS = {"dit_forward": 5, "train_step": 3, "vae_decode": 2}
+CALLS = {"dit_forward": 3, "train_step": 2, "vae_decode": 1}  # timed calls per worker (default preset)
+
+
+def worker(name: str, quick: bool, calls: int, out: str) -> None:
+    """One variant of one workload in this process: saves the first call's output to `out`, prints JSON."""
+    import jax
+    run, compiled = WORKLOADS[name](vd.PRESETS["quick" if quick else "default"])
+    np.save(out, np.asarray(jax.block_until_ready(run())))
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(round(time.perf_counter() - t0, 4))
+    print(json.dumps({"times_s": times, "ynn_fusions": compiled.as_text().count("__ynn_fusion"),
+                      "xla_flags": os.environ.get("XLA_FLAGS", "")}))
+
+
+def worker_env() -> dict:
+    """This environment without the project's flags (an import of terdit_jax, here or in the caller, put them into
+    XLA_FLAGS): each worker starts from XLA's own settings, and the project's worker imports them again."""
+    from terdit_jax import xla_defaults
+    env = {k: x for k, x in os.environ.items() if k != "TERDIT_XLA_DEFAULTS"}
+    kept = [f for f in env.get("XLA_FLAGS", "").split() if f.split("=")[0].lstrip("-") not in xla_defaults.FLAGS]
+    return {**env, "XLA_FLAGS": " ".join(kept)}
+
+
+def measure(name: str, quick: bool, rounds: int, calls: int, tmp: str) -> dict:
+    runs = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        order = list(VARIANTS)[r % 2:] + list(VARIANTS)[:r % 2]
+        for v in order:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--calls", str(calls),
+                   "--out", os.path.join(tmp, f"{name}_{v}_{r}.npy"), *(["--quick"] if quick else [])]
+            done = subprocess.run(cmd, env={**worker_env(), **VARIANTS[v]}, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"error: the {v} worker of {name} failed:\n{done.stderr[-2000:]}")
+            runs[v].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    outs = {v: np.load(os.path.join(tmp, f"{name}_{v}_0.npy")) for v in VARIANTS}
+    times = {v: {"times_s": [t for w in ws for t in w["times_s"]], "ynn_fusions": ws[0]["ynn_fusions"],
+                 "xla_flags": ws[0]["xla_flags"]} for v, ws in runs.items()}
+    for t in times.values():
+        t["median_s"] = statistics.median(t["times_s"])
+    return {"max_rel_diff": vd.agree(name, outs["project"], outs["xla_own"], TOL), "times": times,
+            "ratio": vd.ratios(times, "project")}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats of each (default: per workload)")
+    ap.add_argument("--rounds", type=int, default=2, help="worker pairs per workload (alternating)")
+    ap.add_argument("--calls", type=int, default=None, help="timed calls per worker (default: per workload)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.worker:
+        worker(a.worker, a.quick, a.calls, a.out)
+        return 0
     names = [w.strip() for w in a.workloads.split(",") if w.strip()]
     bad = [w for w in names if w not in WORKLOADS]
     if bad or not names:
         print(f"error: --workloads {a.workloads!r}: unknown {bad}; choose from {', '.join(WORKLOADS)}",
               file=sys.stderr)
         return 2
-    if a.repeats is not None and a.repeats < 1:
-        print(f"error: --repeats {a.repeats}: need at least 1 timed repeat", file=sys.stderr)
+    if a.rounds < 1 or (a.calls is not None and a.calls < 1):
+        print(f"error: --rounds {a.rounds} --calls {a.calls}: need at least 1 of each", file=sys.stderr)
         return 2
     import jax
     if jax.default_backend() != "cpu":
@@ -119,21 +161,15 @@ def main(argv=None) -> int:
               "(set JAX_PLATFORMS=cpu)", file=sys.stderr)
         return 2
     from terdit_jax import xla_defaults
-    p = vd.PRESETS["quick" if a.quick else "default"]
     report = {"benchmark": "cpu_xla_defaults", "preset": "quick" if a.quick else "default",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "jax": jax.__version__,
               "cpu_count": len(os.sched_getaffinity(0)), "load_avg_1m_at_start": os.getloadavg()[0],
-              "project_flags": xla_defaults.FLAGS, "xla_own": xla_defaults.XLA_OWN, "tolerance": TOL,
-              "workloads": {}}
-    for name in names:
-        print(f"[cpu_xla_defaults] {name} ...", file=sys.stderr, flush=True)
-        fns, compiled = WORKLOADS[name](p)
-        outs = {k: np.asarray(jax.block_until_ready(f())) for k, f in fns.items()}  # untimed first call each
-        err = vd.agree(name, outs["project"], outs["xla_own"], TOL)
-        times = vd.alternate({k: (lambda f=f: jax.block_until_ready(f())) for k, f in fns.items()},
-                             a.repeats or (3 if a.quick else REPEATS[name]))
-        report["workloads"][name] = {"max_rel_diff": err, "ynn_fusions": {k: ynn_fusions(c) for k, c in compiled.items()},
-                                     "times": times, "ratio": vd.ratios(times, "project")}
+              "project_flags": xla_defaults.FLAGS, "tolerance": TOL, "workloads": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            print(f"[cpu_xla_defaults] {name} ...", file=sys.stderr, flush=True)
+            calls = a.calls or (1 if a.quick else CALLS[name])
+            report["workloads"][name] = measure(name, a.quick, a.rounds, calls, tmp)
     report["load_avg_1m_at_end"] = os.getloadavg()[0]
     print(json.dumps(report))
     return 0

@@ -1,7 +1,7 @@
 """Side by side with what users would run instead: our DiT, DDIM sampler, training step and SD-VAE against
 diffusers' (PyTorch) on the same machine, in one process, as ratios ours / theirs.
 
-    python benchmarks/vs_diffusers.py            # the README table (about 9 min on the idle 2-core VM, 20 loaded)
+    python benchmarks/vs_diffusers.py            # the README table (about 5 min on the idle 2-core VM)
     python benchmarks/vs_diffusers.py --quick    # a tiny preset of every row: seconds
     python benchmarks/vs_diffusers.py --rows dit_cfg,vae --repeats 3
 
@@ -14,6 +14,8 @@ Rows (float32 everywhere):
   train    one training step of DiT-B/2 on 32×32×4 latents, batch 8: the ε-MSE loss at given (x_t, t, y, ε),
            backward, AdamW update; ours jitted with the state donated (optax), theirs torch.optim.AdamW
   vae      the SD-VAE (sd-vae-ft-ema shapes) decode of 8 latents of 32×32×4 to 256×256 images
+  gemm     the three float32 matmuls of one linear in the train row (forward, input and weight gradients of
+           DiT-B/2's fc1 on 2,048 tokens): the kernels under every row, ours XLA's dots, theirs torch's matmul
 
 Both sides get one set of random weights: the DiT's in the official checkpoint layout, imported into ours by
 convert/dit_official.py's `convert_state` and into diffusers by its `diffusers_layout`; the VAE's drawn in diffusers
@@ -83,11 +85,11 @@ TINY_DIT = dict(dim=64, n_layers=2, n_heads=4, patch_size=2)
 # --ddim_model DiT-B/2 runs it, as the GPU suite does). --repeats N times every row N times.
 PRESETS = {
     "default": Preset("DiT-XL/2", "DiT-S/2", "DiT-B/2", 32, 1000, 8, 50, 2, SD_VAE,
-                      {"dit_cfg": 1, "ddim": 1, "train": 2, "vae": 1}),
+                      {"dit_cfg": 1, "ddim": 1, "train": 2, "vae": 1, "gemm": 10}),
     "quick": Preset("custom", "custom", "custom", 8, 10, 2, 5, 2, TINY_VAE,
-                    {"dit_cfg": 3, "ddim": 3, "train": 3, "vae": 3}),
+                    {"dit_cfg": 3, "ddim": 3, "train": 3, "vae": 3, "gemm": 3}),
 }
-ROWS = ("dit_cfg", "ddim", "train", "vae")
+ROWS = ("dit_cfg", "ddim", "train", "vae", "gemm")
 CFG_SCALE = 4.0  # DiTPipeline's default guidance
 
 
@@ -521,7 +523,43 @@ def row_vae(p: Preset, a) -> dict:
                    p.repeats["vae"], ours)
 
 
-ROW_FNS = {"dit_cfg": row_dit_cfg, "ddim": row_ddim, "train": row_train, "vae": row_vae}
+def row_gemm(p: Preset, a) -> dict:
+    """The three matmuls of one linear in a training step, the kernels under every other row: forward x·W, input
+    gradient G·Wᵀ, weight gradient xᵀ·G, for DiT-B/2's MLP fc1 at the train row's batch (B·T tokens, D → 4D), run
+    one after the other. Ours: XLA's compiled dots (as the project compiles them); theirs: torch's matmul."""
+    import jax
+    import jax.numpy as jnp
+    from terdit_jax.models import dit_xl
+    m = dit_config(p.train_dit, p.latent, p.classes).model
+    tokens, d, f = p.batch * (p.latent // m.patch_size) ** 2, m.dim, dit_xl.mlp_hidden_dim(m)
+    rng = np.random.default_rng(9)
+    x, w, g = (rng.standard_normal(s, dtype=np.float32) for s in ((tokens, d), (d, f), (tokens, f)))
+    products = {"forward": (((1,), (0,)), x, w), "grad_input": (((1,), (1,)), g, w),
+                "grad_weight": (((0,), (0,)), x, g)}
+    ours = []
+    for contract, lhs, rhs in products.values():
+        args = (jnp.asarray(lhs), jnp.asarray(rhs))
+        fn = jax.jit(lambda l, r, c=contract: jax.lax.dot_general(l, r, (c, ((), ()))))
+        ours.append((fn.lower(*args).compile(), args))
+    run_ours = lambda: [jax.block_until_ready(c(*args)) for c, args in ours]  # noqa: E731
+    variants, err = {"ours": run_ours}, {}
+    if a.dev:
+        pairs = []
+        for contract, lhs, rhs in products.values():
+            tl, tr = to_torch(a, lhs), to_torch(a, rhs)
+            pairs.append((tl.T if contract[0] == (0,) else tl, tr.T if contract[1] == (1,) else tr))
+        run_theirs = torch_run(a, lambda: [tl @ tr for tl, tr in pairs])
+        err = {n: agree(f"gemm {n}", np.asarray(o), t.cpu().numpy())
+               for n, o, t in zip(products, run_ours(), run_theirs())}
+        variants["torch_eager"] = run_theirs
+    row = _finish(a, f"{p.train_dit} fc1 matmuls (forward, input and weight gradients): {tokens} tokens, {d} -> "
+                     f"{f}, float32", err, {}, variants, p.repeats["gemm"])
+    flops = 3 * 2 * tokens * d * f
+    row["gflop_per_s"] = {k: round(flops / v["median_s"] / 1e9, 1) for k, v in row["times"].items()}
+    return row
+
+
+ROW_FNS = {"dit_cfg": row_dit_cfg, "ddim": row_ddim, "train": row_train, "vae": row_vae, "gemm": row_gemm}
 
 
 # ----------------------------------------------------------------------------- main

@@ -44,6 +44,7 @@ def test_quick_run_agrees_within_tolerance_on_every_row_then_times_both_sides():
             row["times"]["ours"]["median_s"] / row["times"]["torch_eager"]["median_s"], rel=1e-2)
     assert set(out["rows"]["train"]["max_rel_err"]) == {"loss", "grad_qkv", "grad_fc1", "grad_adaLN", "grad_final"}
     assert set(out["rows"]["ddim"]["max_rel_err"]) == {"2_steps", "5_steps"}  # before; the timed samples after
+    assert set(out["rows"]["gemm"]["max_rel_err"]) == {"forward", "grad_input", "grad_weight"}
     assert out["rows"]["vae"]["memory"]["ours_compiled"]["total"] > 0
 
 
