@@ -55,6 +55,17 @@ def test_head_major_attention_equals_softmax_attention_and_its_gradient(masked):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+def test_head_major_attention_with_every_key_masked_averages_v_as_jax_nn_does():
+    r = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(r.standard_normal((2, 3, 2, 4), np.float32)) for _ in range(3))
+    mask = jnp.asarray([[0, 0, 0], [1, 0, 1]], jnp.int32)
+    got = head_major_attention(q, k, v, 0.5, mask)
+    want = jax.nn.dot_product_attention(q, k, v, scale=0.5, mask=mask[:, None, None, :] > 0)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got[0]), np.broadcast_to(np.asarray(v[0]).mean(0), (3, 2, 4)), atol=1e-6)
+
+
 def test_attention_without_sites_runs_head_major_on_the_cpu(monkeypatch):
     from terdit_jax.models import layers
     calls = []

@@ -103,8 +103,8 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     """
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None, :] > 0, logits, -jnp.inf)
+    if mask is not None:  # the lowest finite value, not −inf: a row with every key masked averages v, as in jax.nn
+        logits = jnp.where(mask[:, None, None, :] > 0, logits, jnp.finfo(logits.dtype).min)
     # the row max only keeps exp in range; it cancels in the ratio, so it needs no gradient
     e = jnp.exp((logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))) * scale)
     out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
