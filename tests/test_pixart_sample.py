@@ -163,18 +163,20 @@ def test_read_prompts_rejects_empty_and_binary_files(tmp_path):
 
 # ------------------------------------------------------------------------------------------- prepared caption ---
 
-def _dots_over_caption(jaxpr, n: int) -> int:
-    """dot_generals of a weight (2-D) with an operand whose second-to-last axis is the n caption tokens."""
+def _dots_over_caption(jaxpr, n: int, rows: int) -> int:
+    """dot_generals of the caption tokens (..., n, K), or flattened to (rows, K) (`models.ternary.token_matmul`:
+    rows = batch · n; the image tokens here are fewer than n per example), with a weight (K, ·)."""
     count = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
             shapes = [v.aval.shape for v in eqn.invars]
-            if any(len(s) == 2 for s in shapes) and any(len(s) >= 3 and s[-2] == n for s in shapes):
+            lhs, rhs = shapes
+            if len(rhs) == 2 and (len(lhs) >= 3 and lhs[-2] == n or len(lhs) == 2 and lhs[0] == rows):
                 count += 1
         for p in eqn.params.values():
             inner = getattr(p, "jaxpr", None)
             if inner is not None and hasattr(inner, "eqns"):
-                count += _dots_over_caption(inner, n)
+                count += _dots_over_caption(inner, n, rows)
     return count
 
 
@@ -199,8 +201,10 @@ def test_prepared_caption_equals_the_raw_caption_and_leaves_no_caption_matmul_in
     assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(np.asarray(call(prep_fn, x, t, prepared)), want, rtol=1e-6, atol=1e-6)
     # the caption projection (2 matmuls) and every block's attn2 to_k/to_v (2 each) run once per prompt batch
-    assert _dots_over_caption(jax.make_jaxpr(raw_fn)(x, t, y).jaxpr, N) == 2 + 2 * L
-    assert _dots_over_caption(jax.make_jaxpr(prep_fn)(x, t, prepared).jaxpr, N) == 0
+    rows = 2 * len(x) * N  # the conditional and the null half
+    assert (LATENT // 2) ** 2 < N
+    assert _dots_over_caption(jax.make_jaxpr(raw_fn)(x, t, y).jaxpr, N, rows) == 2 + 2 * L
+    assert _dots_over_caption(jax.make_jaxpr(prep_fn)(x, t, prepared).jaxpr, N, rows) == 0
 
 
 def test_prepared_caption_with_quantized_kv_and_a_time_grouped_caption_path():
