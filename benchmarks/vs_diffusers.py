@@ -52,7 +52,7 @@ import numpy as np
 # The repo root last, not first: its kernels/ folder (installed as terdit_kernels) would otherwise shadow the Hugging
 # Face `kernels` package that transformers, and diffusers through it, import.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import terdit_jax  # noqa: E402,F401  (first: the project's XLA settings apply before JAX starts, as in main.py)
+import terdit_jax  # noqa: E402,F401  (first: opt-in XLA settings, TERDIT_CPU_EIGEN=1, apply before JAX starts)
 
 TOL = 1e-4  # max |ours − theirs| / max |theirs| before anything is timed
 NOT_MEASURED = "not measured"

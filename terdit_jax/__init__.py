@@ -1,4 +1,4 @@
 """TerDiT in JAX/Flax: ternary-weight diffusion transformers."""
-from terdit_jax import xla_defaults
+from terdit_jax import xla_flags
 
-xla_defaults.apply()
+xla_flags.apply()  # opt-in XLA settings (TERDIT_CPU_EIGEN=1), before JAX starts a backend

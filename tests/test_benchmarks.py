@@ -44,12 +44,12 @@ def test_ptq_scaling_fit_recovers_a_known_linear_growth_and_its_miss():
     assert "not measured" in ptq_scaling.fit([run_at(8, 1), {"error": ["boom"]}], 512)["host_peak_fit"]
 
 
-def test_cpu_xla_defaults_compares_the_same_programs_compiled_two_ways():
-    """The project's CPU flags change how XLA compiles (no YNNPACK fusions, which XLA's own settings make), and not
+def test_cpu_eigen_compares_the_same_programs_compiled_two_ways():
+    """TERDIT_CPU_EIGEN=1 changes how XLA compiles (no YNNPACK fusions, which XLA's own settings make), and not
     what it computes: the two variants' outputs agree."""
-    out = run("cpu_xla_defaults.py", "--quick", "--rounds", "1")
+    out = run("cpu_eigen.py", "--quick", "--rounds", "1")
     assert set(out["workloads"]) == {"dit_forward", "train_step", "vae_decode"}
     for name, w in out["workloads"].items():
         assert w["max_rel_diff"] <= out["tolerance"], name
-        assert w["times"]["project"]["ynn_fusions"] == 0 < w["times"]["xla_own"]["ynn_fusions"], name
-        assert w["ratio"]["project/xla_own"] > 0
+        assert w["times"]["eigen"]["ynn_fusions"] == 0 < w["times"]["xla_own"]["ynn_fusions"], name
+        assert w["ratio"]["eigen/xla_own"] > 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from terdit_jax import xla_defaults
+from terdit_jax import xla_flags
 from terdit_jax.models.layers import head_major_attention
 from terdit_jax.models.ternary import Dense, token_matmul, xavier_uniform
 
@@ -104,27 +104,28 @@ def test_dense_on_token_batches_is_one_2d_matmul_in_both_directions():
                                np.einsum("btk,kn->btn", np.asarray(x, np.float64), w), rtol=1e-5, atol=1e-6)
 
 
-def test_xla_defaults_leave_what_the_user_set_and_can_be_turned_off(monkeypatch):
-    monkeypatch.setattr(xla_defaults, "_backend_started", lambda: False)  # (this process's backend has started)
+def test_cpu_eigen_is_opt_in_and_leaves_what_the_user_set(monkeypatch):
+    monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)  # (this process's backend has started)
     env = {}
-    assert xla_defaults.apply(env) == ["--xla_cpu_experimental_ynn_fusion_type="]
+    assert xla_flags.apply(env) == [] and "XLA_FLAGS" not in env  # not asked for
+    env = {"TERDIT_CPU_EIGEN": "1"}
+    assert xla_flags.apply(env) == ["--xla_cpu_experimental_ynn_fusion_type="]
     assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=X"}
-    assert xla_defaults.apply(dict(env)) == []
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    xla_defaults.apply(env)
+    env = {"TERDIT_CPU_EIGEN": "1",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=X"}
+    assert xla_flags.apply(dict(env)) == []
+    env = {"TERDIT_CPU_EIGEN": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    xla_flags.apply(env)
     assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
                                         "--xla_cpu_experimental_ynn_fusion_type="]
-    env = {"TERDIT_XLA_DEFAULTS": "0"}
-    assert xla_defaults.apply(env) == [] and "XLA_FLAGS" not in env
-    monkeypatch.setattr(xla_defaults, "_backend_started", lambda: True)  # too late: XLA has read its flags
-    assert xla_defaults.apply({}) == []
+    monkeypatch.setattr(xla_flags, "_backend_started", lambda: True)  # too late: XLA has read its flags
+    assert xla_flags.apply({"TERDIT_CPU_EIGEN": "1"}) == []
 
 
-def test_importing_the_package_first_compiles_dots_without_ynnpack():
+def test_importing_the_package_first_with_cpu_eigen_compiles_dots_without_ynnpack():
     code = ("import terdit_jax, jax, jax.numpy as jnp; x = jnp.ones((64, 64)); "
             "print(jax.jit(lambda a: jax.nn.gelu(a @ a)).lower(x).compile().as_text().count('__ynn_fusion'))")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TERDIT_XLA_DEFAULTS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TERDIT_CPU_EIGEN")}
     counts = [subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
-                             timeout=120, check=True).stdout.split()[-1] for extra in ({}, {"TERDIT_XLA_DEFAULTS": "0"})]
+                             timeout=120, check=True).stdout.split()[-1] for extra in ({"TERDIT_CPU_EIGEN": "1"}, {})]
     assert counts[0] == "0" and int(counts[1]) > 0  # the second: XLA's own settings do use YNNPACK here

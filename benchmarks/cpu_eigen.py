@@ -1,13 +1,13 @@
-"""The project's CPU XLA settings (terdit_jax/xla_defaults.py) against XLA's own, on the programs the project
-runs. The settings are process-wide (XLA reads XLA_FLAGS when its CPU client starts, and per-program compile
-options do not reproduce everything they change), so each variant runs in its own worker process: the project's
-as a user gets it, XLA's own with TERDIT_XLA_DEFAULTS=0. Workers of the two variants alternate (the order
-rotated every round); each builds the workload from the same seeds, compiles it, makes one untimed call whose
-output the parent compares across variants, then times --calls calls. The JSON gives the medians over all rounds
-and ratio = project / XLA's own (< 1: the project's settings are faster).
+"""The opt-in CPU setting TERDIT_CPU_EIGEN=1 (terdit_jax/xla_flags.py: XLA's Eigen dots instead of YNNPACK)
+against XLA's own settings, on the programs the project runs. The setting is process-wide (XLA reads XLA_FLAGS
+when its CPU client starts, and per-program compile options do not reproduce everything it changes), so each
+variant runs in its own worker process. Workers of the two variants alternate (the order rotated every round);
+each builds the workload from the same seeds, compiles it, makes one untimed call whose output the parent
+compares across variants, then times --calls calls. The JSON gives the medians over all rounds and
+ratio = eigen / XLA's own (< 1: the setting is faster).
 
-    python benchmarks/cpu_xla_defaults.py            # DiT-S/2 forward, DiT-B/2 training step, SD-VAE decode
-    python benchmarks/cpu_xla_defaults.py --quick    # tiny shapes (seconds; the test suite runs it)
+    python benchmarks/cpu_eigen.py            # DiT-S/2 forward, DiT-B/2 training step, SD-VAE decode
+    python benchmarks/cpu_eigen.py --quick    # tiny shapes (seconds; the test suite runs it)
 
 Workloads (float32; the shapes of benchmarks/vs_diffusers.py's rows):
   dit_forward  DiT-S/2 denoiser call on 16 latents of 32×32×4 (one CFG step of the ddim row)
@@ -30,11 +30,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import terdit_jax  # noqa: E402,F401  (applies the project's XLA flags before JAX starts, unless turned off)
 import vs_diffusers as vd  # noqa: E402
 
-TOL = 1e-4  # max |project − XLA's own| / max |XLA's own|: the same computation, summed in another order
-VARIANTS = {"project": {}, "xla_own": {"TERDIT_XLA_DEFAULTS": "0"}}
+TOL = 1e-4  # max |eigen − XLA's own| / max |XLA's own|: the same computation, summed in another order
+VARIANTS = {"eigen": {"TERDIT_CPU_EIGEN": "1"}, "xla_own": {}}
 
 
 def dit_forward(p):
@@ -93,7 +92,7 @@ CALLS = {"dit_forward": 3, "train_step": 2, "vae_decode": 1}  # timed calls per 
 
 def worker(name: str, quick: bool, calls: int, out: str) -> None:
     """One variant of one workload in this process: saves the first call's output to `out`, prints JSON."""
-    import jax
+    import jax  # (vs_diffusers imported terdit_jax first: with TERDIT_CPU_EIGEN=1 the flags are set)
     run, compiled = WORKLOADS[name](vd.PRESETS["quick" if quick else "default"])
     np.save(out, np.asarray(jax.block_until_ready(run())))
     times = []
@@ -106,11 +105,11 @@ def worker(name: str, quick: bool, calls: int, out: str) -> None:
 
 
 def worker_env() -> dict:
-    """This environment without the project's flags (an import of terdit_jax, here or in the caller, put them into
-    XLA_FLAGS): each worker starts from XLA's own settings, and the project's worker imports them again."""
-    from terdit_jax import xla_defaults
-    env = {k: x for k, x in os.environ.items() if k != "TERDIT_XLA_DEFAULTS"}
-    kept = [f for f in env.get("XLA_FLAGS", "").split() if f.split("=")[0].lstrip("-") not in xla_defaults.FLAGS]
+    """This environment without the setting's flags: each worker starts from XLA's own settings, and the eigen
+    worker's import of terdit_jax adds them."""
+    from terdit_jax import xla_flags
+    env = {k: x for k, x in os.environ.items() if k != "TERDIT_CPU_EIGEN"}
+    kept = [f for f in env.get("XLA_FLAGS", "").split() if f.split("=")[0].lstrip("-") not in xla_flags.CPU_EIGEN]
     return {**env, "XLA_FLAGS": " ".join(kept)}
 
 
@@ -130,8 +129,8 @@ def measure(name: str, quick: bool, rounds: int, calls: int, tmp: str) -> dict:
                  "xla_flags": ws[0]["xla_flags"]} for v, ws in runs.items()}
     for t in times.values():
         t["median_s"] = statistics.median(t["times_s"])
-    return {"max_rel_diff": vd.agree(name, outs["project"], outs["xla_own"], TOL), "times": times,
-            "ratio": vd.ratios(times, "project")}
+    return {"max_rel_diff": vd.agree(name, outs["eigen"], outs["xla_own"], TOL), "times": times,
+            "ratio": vd.ratios(times, "eigen")}
 
 
 def main(argv=None) -> int:
@@ -160,14 +159,14 @@ def main(argv=None) -> int:
         print(f"error: these are CPU settings; JAX runs on {jax.default_backend()} here "
               "(set JAX_PLATFORMS=cpu)", file=sys.stderr)
         return 2
-    from terdit_jax import xla_defaults
-    report = {"benchmark": "cpu_xla_defaults", "preset": "quick" if a.quick else "default",
+    from terdit_jax import xla_flags
+    report = {"benchmark": "cpu_eigen", "preset": "quick" if a.quick else "default",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "jax": jax.__version__,
               "cpu_count": len(os.sched_getaffinity(0)), "load_avg_1m_at_start": os.getloadavg()[0],
-              "project_flags": xla_defaults.FLAGS, "tolerance": TOL, "workloads": {}}
+              "flags": xla_flags.CPU_EIGEN, "tolerance": TOL, "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            print(f"[cpu_xla_defaults] {name} ...", file=sys.stderr, flush=True)
+            print(f"[cpu_eigen] {name} ...", file=sys.stderr, flush=True)
             calls = a.calls or (1 if a.quick else CALLS[name])
             report["workloads"][name] = measure(name, a.quick, a.rounds, calls, tmp)
     report["load_avg_1m_at_end"] = os.getloadavg()[0]
