@@ -1,7 +1,7 @@
 """Side by side with what users would run instead: our DiT, DDIM sampler, training step and SD-VAE against
 diffusers' (PyTorch) on the same machine, in one process, as ratios ours / theirs.
 
-    python benchmarks/vs_diffusers.py            # the README table (about 5 min on the idle 2-core VM)
+    python benchmarks/vs_diffusers.py            # the README table (about 6 min on the idle 2-core VM)
     python benchmarks/vs_diffusers.py --quick    # a tiny preset of every row: seconds
     python benchmarks/vs_diffusers.py --rows dit_cfg,vae --repeats 3
 
