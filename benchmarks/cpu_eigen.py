@@ -1,9 +1,9 @@
 """The opt-in CPU setting TERDIT_CPU_EIGEN=1 (terdit_jax/xla_flags.py: XLA's Eigen dots instead of YNNPACK)
 against XLA's own settings, on the programs the project runs. The setting is process-wide (XLA reads XLA_FLAGS
 when its CPU client starts, and per-program compile options do not reproduce everything it changes), so each
-variant runs in its own worker process. Workers of the two variants alternate (the order rotated every round);
-each builds the workload from the same seeds, compiles it, makes one untimed call whose output the parent
-compares across variants, then times --calls calls. The JSON gives the medians over all rounds and
+variant runs in its own worker processes: one per variant and round, alternating (the order rotated every
+round). A worker builds every workload from the same seeds, compiles it, makes one untimed call whose output the
+parent compares across variants, then times --calls calls. The JSON gives the medians over all rounds and
 ratio = eigen / XLA's own (< 1: the setting is faster).
 
     python benchmarks/cpu_eigen.py            # DiT-S/2 forward, DiT-B/2 training step, SD-VAE decode
@@ -90,18 +90,20 @@ WORKLOADS = {"dit_forward": dit_forward, "train_step": train_step, "vae_decode":
 CALLS = {"dit_forward": 3, "train_step": 2, "vae_decode": 1}  # timed calls per worker (default preset)
 
 
-def worker(name: str, quick: bool, calls: int, out: str) -> None:
-    """One variant of one workload in this process: saves the first call's output to `out`, prints JSON."""
+def worker(names: list[str], quick: bool, calls: dict, tmp: str, tag: str) -> None:
+    """One variant of the workloads, in this process: saves each first call's output to tmp, prints JSON."""
     import jax  # (vs_diffusers imported terdit_jax first: with TERDIT_CPU_EIGEN=1 the flags are set)
-    run, compiled = WORKLOADS[name](vd.PRESETS["quick" if quick else "default"])
-    np.save(out, np.asarray(jax.block_until_ready(run())))
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(round(time.perf_counter() - t0, 4))
-    print(json.dumps({"times_s": times, "ynn_fusions": compiled.as_text().count("__ynn_fusion"),
-                      "xla_flags": os.environ.get("XLA_FLAGS", "")}))
+    result = {"xla_flags": os.environ.get("XLA_FLAGS", "")}
+    for name in names:
+        run, compiled = WORKLOADS[name](vd.PRESETS["quick" if quick else "default"])
+        np.save(os.path.join(tmp, f"{name}_{tag}.npy"), np.asarray(jax.block_until_ready(run())))
+        times = []
+        for _ in range(calls[name]):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            times.append(round(time.perf_counter() - t0, 4))
+        result[name] = {"times_s": times, "ynn_fusions": compiled.as_text().count("__ynn_fusion")}
+    print(json.dumps(result))
 
 
 def worker_env() -> dict:
@@ -113,24 +115,27 @@ def worker_env() -> dict:
     return {**env, "XLA_FLAGS": " ".join(kept)}
 
 
-def measure(name: str, quick: bool, rounds: int, calls: int, tmp: str) -> dict:
+def measure(names: list[str], quick: bool, rounds: int, calls: dict, tmp: str) -> dict:
+    """Alternating worker processes, one per variant and round, each running every workload."""
     runs = {v: [] for v in VARIANTS}
     for r in range(rounds):
-        order = list(VARIANTS)[r % 2:] + list(VARIANTS)[:r % 2]
-        for v in order:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--calls", str(calls),
-                   "--out", os.path.join(tmp, f"{name}_{v}_{r}.npy"), *(["--quick"] if quick else [])]
+        for v in list(VARIANTS)[r % 2:] + list(VARIANTS)[:r % 2]:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", ",".join(names), "--worker_calls",
+                   json.dumps(calls), "--tmp", tmp, "--tag", f"{v}_{r}", *(["--quick"] if quick else [])]
             done = subprocess.run(cmd, env={**worker_env(), **VARIANTS[v]}, capture_output=True, text=True)
             if done.returncode != 0:
-                raise SystemExit(f"error: the {v} worker of {name} failed:\n{done.stderr[-2000:]}")
+                raise SystemExit(f"error: the {v} worker failed:\n{done.stderr[-2000:]}")
             runs[v].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    outs = {v: np.load(os.path.join(tmp, f"{name}_{v}_0.npy")) for v in VARIANTS}
-    times = {v: {"times_s": [t for w in ws for t in w["times_s"]], "ynn_fusions": ws[0]["ynn_fusions"],
-                 "xla_flags": ws[0]["xla_flags"]} for v, ws in runs.items()}
-    for t in times.values():
-        t["median_s"] = statistics.median(t["times_s"])
-    return {"max_rel_diff": vd.agree(name, outs["eigen"], outs["xla_own"], TOL), "times": times,
-            "ratio": vd.ratios(times, "eigen")}
+    report = {}
+    for name in names:
+        outs = {v: np.load(os.path.join(tmp, f"{name}_{v}_0.npy")) for v in VARIANTS}
+        times = {v: {"times_s": [t for w in ws for t in w[name]["times_s"]], "ynn_fusions": ws[0][name]["ynn_fusions"],
+                     "xla_flags": ws[0]["xla_flags"]} for v, ws in runs.items()}
+        for t in times.values():
+            t["median_s"] = statistics.median(t["times_s"])
+        report[name] = {"max_rel_diff": vd.agree(name, outs["eigen"], outs["xla_own"], TOL), "times": times,
+                        "ratio": vd.ratios(times, "eigen")}
+    return report
 
 
 def main(argv=None) -> int:
@@ -139,11 +144,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
     ap.add_argument("--rounds", type=int, default=2, help="worker pairs per workload (alternating)")
     ap.add_argument("--calls", type=int, default=None, help="timed calls per worker (default: per workload)")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    for hidden in ("--worker", "--worker_calls", "--tmp", "--tag"):
+        ap.add_argument(hidden, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        worker(a.worker, a.quick, a.calls, a.out)
+        worker(a.worker.split(","), a.quick, json.loads(a.worker_calls), a.tmp, a.tag)
         return 0
     names = [w.strip() for w in a.workloads.split(",") if w.strip()]
     bad = [w for w in names if w not in WORKLOADS]
@@ -164,11 +169,11 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "jax": jax.__version__,
               "cpu_count": len(os.sched_getaffinity(0)), "load_avg_1m_at_start": os.getloadavg()[0],
               "flags": xla_flags.CPU_EIGEN, "tolerance": TOL, "workloads": {}}
+    calls = {n: a.calls or (1 if a.quick else CALLS[n]) for n in names}
+    print(f"[cpu_eigen] {', '.join(names)}: {a.rounds} round(s) of two worker processes ...", file=sys.stderr,
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            print(f"[cpu_eigen] {name} ...", file=sys.stderr, flush=True)
-            calls = a.calls or (1 if a.quick else CALLS[name])
-            report["workloads"][name] = measure(name, a.quick, a.rounds, calls, tmp)
+        report["workloads"] = measure(names, a.quick, a.rounds, calls, tmp)
     report["load_avg_1m_at_end"] = os.getloadavg()[0]
     print(json.dumps(report))
     return 0
