@@ -38,10 +38,17 @@ def apply(environ=os.environ) -> list[str]:
     """With TERDIT_CPU_EIGEN=1, append the CPU_EIGEN flags the user did not set to XLA_FLAGS. → the flags added ([]
     when not asked for, when every flag is already set, on a jaxlib they were not checked on, or when a backend
     has started and it is too late)."""
-    if environ.get("TERDIT_CPU_EIGEN", "0") != "1" or _backend_started() or not _jaxlib_checked():
+    if environ.get("TERDIT_CPU_EIGEN", "0") != "1":
+        return []
+    if _backend_started() or not _jaxlib_checked():
+        import warnings
+        warnings.warn("TERDIT_CPU_EIGEN=1 not applied: " + ("JAX started a backend before terdit_jax was imported; "
+                      "import terdit_jax first" if _backend_started() else "the flag was checked on jaxlib "
+                      f"{', '.join('%d.%d' % v for v in JAXLIB)} only; set XLA_FLAGS yourself"), stacklevel=2)
         return []
     given = environ.get("XLA_FLAGS", "")
-    added = [f"--{k}={v}" for k, v in CPU_EIGEN.items() if f"--{k}" not in given]
+    named = {f.split("=")[0].lstrip("-") for f in given.split()}
+    added = [f"--{k}={v}" for k, v in CPU_EIGEN.items() if k not in named]
     if added:
         environ["XLA_FLAGS"] = " ".join([given, *added]).strip()
     return added

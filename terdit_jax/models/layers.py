@@ -102,11 +102,11 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     products and normalized probabilities cost it extra copies and passes (benchmarks/vs_diffusers.py's rows).
     """
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:  # the lowest finite value, not −inf: a row with every key masked averages v, as in jax.nn
-        logits = jnp.where(mask[:, None, None, :] > 0, logits, jnp.finfo(logits.dtype).min)
+        s = jnp.where(mask[:, None, None, :] > 0, s, jnp.finfo(s.dtype).min)
     # the row max only keeps exp in range; it cancels in the ratio, so it needs no gradient
-    e = jnp.exp((logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))) * scale)
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
     out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return jnp.swapaxes(out / e.sum(-1, keepdims=True), 1, 2).astype(v.dtype)
 
@@ -114,8 +114,9 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, probs_site, t: jax.Array | None,
               scores_site=None, scale: float | None = None, mask: jax.Array | None = None) -> jax.Array:
     """softmax(q·kᵀ·scale)·v for q (B, Tq, H, hd), k, v (B, Tk, H, hd) → (B, Tq, H, hd); scale 1/sqrt(hd) unless
-    given; keys where mask (B, Tk) is 0 left out. Fused unless a site acts on the (B, H, Tq, Tk) scores or
-    probabilities; then they are formed in float32 (as XLA's fused attention does)."""
+    given; keys where mask (B, Tk) is 0 left out. Without sites: jax.nn.dot_product_attention, or on the CPU
+    `head_major_attention`; a site on the (B, H, Tq, Tk) scores or probabilities needs them formed, in float32
+    (as XLA's fused attention does)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if probs_site is None and scores_site is None:
         if jax.default_backend() == "cpu":

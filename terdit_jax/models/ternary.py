@@ -131,7 +131,7 @@ def token_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x (..., K) · w (K, N) → (..., N) as one 2-D matmul over the flattened tokens. With x's leading axes kept, the
     weight gradient contracts two axes (batch and tokens), and XLA's CPU pipeline then writes each cotangent
     transposed, fused with its producer, a slow strided pass per linear in the training step on the CPU
-    (benchmarks/vs_diffusers.py's train row). The reshapes are free (row-major bitcasts) on every backend."""
+    (benchmarks/vs_diffusers.py's train row). The reshapes are free on the CPU and GPU (row-major bitcasts)."""
     return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
