@@ -50,19 +50,7 @@ def dit_forward(p):
 def train_step(p):
     import jax
     import jax.numpy as jnp
-    import optax
-    config, apply, params, _ = vd.build_dit(p.train_dit, p, types.SimpleNamespace(dev=None, perturb=0.0), seed=4)
-    m = config.model
-    x, t, y = vd._inputs(p, m, seed=5)
-    eps = np.random.default_rng(6).standard_normal(x.shape, dtype=np.float32)
-    tx = optax.adamw(1e-4, weight_decay=0.0)
-
-    def step(params, opt, x, t, y, eps):
-        loss, g = jax.value_and_grad(
-            lambda w: jnp.mean(jnp.square(apply(w, x, t, y)[..., :m.in_channels] - eps)))(params)
-        upd, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, upd), opt, loss
-
+    _, _, params, _, (x, t, y, eps), _, step, tx = vd.train_problem(p, types.SimpleNamespace(dev=None, perturb=0.0))
     batch = tuple(jnp.asarray(v) for v in (x, t, y, eps))
     state = [params, tx.init(params)]
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*state, *batch).compile()

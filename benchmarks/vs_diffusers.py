@@ -401,7 +401,13 @@ def row_ddim(p: Preset, a) -> dict:
     return row
 
 
-def row_train(p: Preset, a) -> dict:
+LR, WD = 1e-4, 0.0  # DiT's AdamW settings
+
+
+def train_problem(p: Preset, a):
+    """The train row's problem: (config, apply, params, theirs, (x, t, y, eps) NumPy, loss_fn, step, tx), with
+    loss_fn(params, x, t, y, eps) the ε-MSE and step(params, opt, x, t, y, eps) → (params, opt, loss) one AdamW
+    step (benchmarks/cpu_eigen.py times the same step)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -410,8 +416,7 @@ def row_train(p: Preset, a) -> dict:
     m = config.model
     x, t, y = _inputs(p, m, seed=5)
     eps = np.random.default_rng(6).standard_normal(x.shape, dtype=np.float32)
-    lr, wd = 1e-4, 0.0  # DiT's AdamW settings
-    tx = optax.adamw(lr, weight_decay=wd)
+    tx = optax.adamw(LR, weight_decay=WD)
 
     def loss_fn(params, x, t, y, eps):
         return jnp.mean(jnp.square(apply(params, x, t, y)[..., :m.in_channels] - eps))
@@ -421,6 +426,15 @@ def row_train(p: Preset, a) -> dict:
         upd, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, upd), opt, loss
 
+    return config, apply, params, theirs, (x, t, y, eps), loss_fn, step, tx
+
+
+def row_train(p: Preset, a) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    config, _, params, theirs, (x, t, y, eps), loss_fn, step, tx = train_problem(p, a)
+    m = config.model
     batch = tuple(jnp.asarray(v) for v in (x, t, y, eps))
     state = [params, tx.init(params)]
     t0 = time.perf_counter()
@@ -432,7 +446,7 @@ def row_train(p: Preset, a) -> dict:
         theirs.train()
         for block in theirs.transformer_blocks:  # no label dropout on either side: the same labels, the same loss
             block.norm1.emb.class_embedder.dropout_prob = 0.0
-        opt = torch.optim.AdamW(theirs.parameters(), lr=lr, weight_decay=wd)
+        opt = torch.optim.AdamW(theirs.parameters(), lr=LR, weight_decay=WD)
         tb = (to_torch(a, x, True), to_torch(a, t), to_torch(a, y), to_torch(a, eps, True))
 
         def theirs_loss():
@@ -471,7 +485,7 @@ def row_train(p: Preset, a) -> dict:
     if theirs is not None:
         _, info["torch_eager_first_step_s"], _ = timed(theirs_run)  # AdamW allocates its moments here
         variants["torch_eager"] = theirs_run
-    return _finish(a, f"{p.train_dit} training step (eps-MSE, AdamW lr {lr}), batch {p.batch}, "
+    return _finish(a, f"{p.train_dit} training step (eps-MSE, AdamW lr {LR}), batch {p.batch}, "
                       f"{p.latent}x{p.latent}x4 latents, float32", err, info, variants, p.repeats["train"], ours_step)
 
 

@@ -40,11 +40,12 @@ def apply(environ=os.environ) -> list[str]:
     has started and it is too late)."""
     if environ.get("TERDIT_CPU_EIGEN", "0") != "1":
         return []
-    if _backend_started() or not _jaxlib_checked():
+    late, checked = _backend_started(), _jaxlib_checked()
+    if late or not checked:
         import warnings
-        warnings.warn("TERDIT_CPU_EIGEN=1 not applied: " + ("JAX started a backend before terdit_jax was imported; "
-                      "import terdit_jax first" if _backend_started() else "the flag was checked on jaxlib "
-                      f"{', '.join('%d.%d' % v for v in JAXLIB)} only; set XLA_FLAGS yourself"), stacklevel=2)
+        why = ("JAX started a backend before terdit_jax was imported; import terdit_jax first" if late else
+               f"the flag was checked on jaxlib {', '.join('%d.%d' % v for v in JAXLIB)} only; set XLA_FLAGS yourself")
+        warnings.warn(f"TERDIT_CPU_EIGEN=1 not applied: {why}", stacklevel=2)
         return []
     given = environ.get("XLA_FLAGS", "")
     named = {f.split("=")[0].lstrip("-") for f in given.split()}
