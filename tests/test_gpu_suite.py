@@ -47,7 +47,7 @@ def test_tiny_run_reports_every_stage_and_survives_a_failing_and_an_overrunning_
     out, wheels = tmp_path / "out", tmp_path / "wheels"
     wheels.mkdir()
     # what this interpreter lacks (jax-triton, outside the test extra) is installed from the wheels folder
-    missing = [d for d in suite.CARRIED if suite.installed_version(d) is None]
+    missing = [d for d in suite.CARRIED + suite.OPTIONAL if suite.installed_version(d) is None]
     stubs = [_metadata_wheel(wheels, d) for d in missing]
     # demo: its command gets an argument it rejects; sample_600m: a 2 s budget it cannot meet (the --tiny
     # sample_4.2b stage runs the same command to the end, so nothing goes untested)
@@ -210,6 +210,16 @@ def test_wheels_are_found_by_normalised_distribution_name(tmp_path):
                                                      "jax_triton-0.3.1-py3-none-any.whl"]
     assert absent == ["mlxtend"]
     assert suite.wheels_to_install(str(tmp_path / "missing"), ["mlxtend"]) == ([], ["mlxtend"])
+
+
+def test_install_fails_without_a_required_wheel_but_not_without_an_optional_one(tmp_path, monkeypatch):
+    """No diffusers wheel: the vs_diffusers stage runs ours alone, so install is ok; no mlxtend: the demo cannot run."""
+    ctx = types.SimpleNamespace(forced=set(), wheels=str(tmp_path), site=str(tmp_path / "site"))
+    for absent in ("diffusers", "mlxtend"):
+        monkeypatch.setattr(suite, "installed_version", lambda d, absent=absent: None if d == absent else "1.0")
+        rec = suite.stage_install(ctx, 10)
+        assert rec["missing"] == [absent] and rec["no_wheel"] == [absent], rec
+        assert rec["status"] == ("ok" if absent == "diffusers" else "failed"), rec
 
 
 def test_last_json_is_the_final_object_after_logs():

@@ -77,3 +77,15 @@ def test_bad_arguments_are_one_error_line_and_exit_2():
                        timeout=60)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and "nope" in r.stderr
     assert "\n" not in r.stderr.strip() and "dit_cfg, ddim, train, vae" in r.stderr
+
+
+def test_a_row_that_disagrees_is_not_timed_and_the_other_rows_still_are():
+    """One disagreeing row must not cost the others (the GPU suite runs every row in one budgeted process)."""
+    pytest.importorskip("diffusers")
+    r = subprocess.run([sys.executable, SCRIPT, "--quick", "--repeats", "1", "--rows", "dit_cfg,gemm",
+                        "--perturb", "1e-3"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 1 and "rows dit_cfg: ours and diffusers disagree" in r.stderr, r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])["rows"]
+    assert set(rows["dit_cfg"]) == {"error"} and "differ by" in rows["dit_cfg"]["error"]
+    assert rows["gemm"]["times"]["ours"]["median_s"] > 0 and rows["gemm"]["times"]["torch_eager"]["median_s"] > 0
