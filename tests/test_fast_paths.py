@@ -4,6 +4,7 @@ the code before the fix)."""
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -103,25 +104,29 @@ def test_dense_on_token_batches_is_one_2d_matmul_in_both_directions():
                                np.einsum("btk,kn->btn", np.asarray(x, np.float64), w), rtol=1e-5, atol=1e-6)
 
 
-def test_cpu_eigen_is_opt_in_and_leaves_what_the_user_set(monkeypatch):
+def test_cublas_gemms_by_default_cpu_eigen_opt_in_and_what_the_user_set_is_left(monkeypatch):
     monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)  # (this process's backend has started)
+    cublas, eigen = "--xla_gpu_enable_triton_gemm=false", "--xla_cpu_experimental_ynn_fusion_type="
     env = {}
-    assert xla_flags.apply(env) == [] and "XLA_FLAGS" not in env  # not asked for
+    assert xla_flags.apply(env) == [cublas] and env["XLA_FLAGS"] == cublas  # Eigen not asked for
+    env = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}  # the user's choice stays
+    assert xla_flags.apply(env) == [] and env["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"
     env = {"TERDIT_CPU_EIGEN": "1"}
-    assert xla_flags.apply(env) == ["--xla_cpu_experimental_ynn_fusion_type="]
-    assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+    assert xla_flags.apply(env) == [cublas, eigen] and env["XLA_FLAGS"] == f"{cublas} {eigen}"
     env = {"TERDIT_CPU_EIGEN": "1",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=X"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=X {cublas}"}
     assert xla_flags.apply(dict(env)) == []
     env = {"TERDIT_CPU_EIGEN": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     xla_flags.apply(env)
-    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
-                                        "--xla_cpu_experimental_ynn_fusion_type="]
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", cublas, eigen]
     env = {"TERDIT_CPU_EIGEN": "1", "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type_x=1"}  # another flag
-    assert xla_flags.apply(env) == ["--xla_cpu_experimental_ynn_fusion_type="]
+    assert xla_flags.apply(env) == [cublas, eigen]
     monkeypatch.setattr(xla_flags, "_backend_started", lambda: True)  # too late: XLA has read its flags
     with pytest.warns(UserWarning, match="import terdit_jax first"):
         assert xla_flags.apply({"TERDIT_CPU_EIGEN": "1"}) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default alone is skipped quietly
+        assert xla_flags.apply({}) == []
 
 
 def test_importing_the_package_first_with_cpu_eigen_compiles_dots_without_ynnpack():
