@@ -7,8 +7,8 @@ left as given (`--xla_gpu_enable_triton_gemm=true` in XLA_FLAGS turns the GPU de
 GPU_CUBLAS, the default: XLA's GPU backend compiles GEMMs to cuBLAS, not to its own Triton GEMM fusions. On an
 H200 (jax 0.11.2, 2026-12-04, `benchmarks/gpu_suite.py`): with Triton GEMMs at autotune level 0 the DiT-XL/2 CFG
 call (float32, batch 16) took 0.420 s against diffusers' 0.107 s; with cuBLAS 0.098 s. At XLA's default autotune
-level the Triton tile search kept every suite stage compiling for over a minute. The flag means nothing to the
-CPU backend, which accepts it.
+level (Triton GEMMs on) every suite stage was still autotuning GEMMs when its 25-90 s budget ran out; how long
+compiles take there with cuBLAS alone is not measured. The CPU backend accepts the flag and ignores it.
 
 CPU_EIGEN, with TERDIT_CPU_EIGEN=1: XLA's CPU backend (jaxlib 0.10, 0.11) sends dots and reductions to YNNPACK.
 Its Eigen path ran the float32 programs faster on the 2-core Xeon (AVX-512) VM, most of all the SD-VAE decode's
