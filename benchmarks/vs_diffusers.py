@@ -603,6 +603,14 @@ def pin_threads(n: int) -> list[int]:
     return cores[:n]
 
 
+def write_partial(path: str | None, report: dict) -> None:
+    """The report so far, written whole to a temporary file and renamed, so a reader never sees half of it."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f)
+        os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -613,6 +621,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ddim_model", default=None, help="DiT preset of the ddim row (default DiT-S/2; --quick: tiny)")
     ap.add_argument("--torch_compile", choices=("on", "off"), default=None,
                     help="also time torch.compile in dit_cfg (default on; off with --quick: inductor takes ~30 s)")
+    ap.add_argument("--partial", default=None, metavar="FILE",
+                    help="write the report so far to FILE after each row (for a caller that may stop the run)")
     ap.add_argument("--perturb", type=float, default=0.0,
                     help="move one of OUR weights by this fraction of its max (the agreement check must then fail)")
     a = ap.parse_args(argv)
@@ -663,6 +673,7 @@ def main(argv=None) -> int:
         except AgreementError as e:  # this row is not timed; the others still are, and the exit status is 1
             print(f"error: {e}", file=sys.stderr, flush=True)
             report["rows"][r], disagreed = {"error": str(e)}, disagreed + [r]
+            write_partial(a.partial, report)
             continue
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         report["rows"][r] = res
@@ -670,6 +681,7 @@ def main(argv=None) -> int:
         medians = {k: v["median_s"] for k, v in res["times"].items()}
         print(f"[vs_diffusers] {r}: {json.dumps(res['ratio'])}, medians s {json.dumps(medians)}, in {res['wall_s']} s",
               file=sys.stderr, flush=True)
+        write_partial(a.partial, report)
     report["peak_rss_bytes"] = peak_rss_bytes()
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:  # accelerators: the device peaks of both sides

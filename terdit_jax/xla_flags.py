@@ -24,8 +24,8 @@ import os
 GPU_CUBLAS = {"xla_gpu_enable_triton_gemm": "false"}
 # an empty YNN fusion-type list sends every dot and reduction to XLA's own (Eigen) emitters
 CPU_EIGEN = {"xla_cpu_experimental_ynn_fusion_type": ""}
-# XLA aborts the process on a flag it does not know (the Eigen one is experimental): only the jaxlib releases the
-# flags were checked on get them.
+# XLA aborts the process on a flag it does not know, and the Eigen one is experimental: only the jaxlib releases it
+# was checked on get it (the GPU one is a stable flag of XLA's and goes to every release).
 JAXLIB = ((0, 10), (0, 11))
 
 
@@ -45,22 +45,22 @@ def _backend_started() -> bool:
 
 def apply(environ=os.environ) -> list[str]:
     """Append to XLA_FLAGS the GPU_CUBLAS flags, and with TERDIT_CPU_EIGEN=1 the CPU_EIGEN ones, that the user did
-    not set. → the flags added ([] when every flag is already set, on a jaxlib they were not checked on, or when a
-    backend has started and it is too late; the opt-in warns then, the default stays quiet)."""
-    eigen = environ.get("TERDIT_CPU_EIGEN", "0") == "1"
+    not set. → the flags added ([] when every flag is already set, or when a backend has started and it is too
+    late). The opt-in warns when it is not applied (too late, or a jaxlib it was not checked on); the default, a
+    stable flag, stays quiet."""
     given = environ.get("XLA_FLAGS", "")
     named = {f.split("=")[0].lstrip("-") for f in given.split()}
-    flags = {**GPU_CUBLAS, **(CPU_EIGEN if eigen else {})}
-    added = [f"--{k}={v}" for k, v in flags.items() if k not in named]
-    late, checked = _backend_started(), _jaxlib_checked()
-    if added and (late or not checked):
-        if eigen and any(k not in named for k in CPU_EIGEN):
+    late, flags = _backend_started(), dict(GPU_CUBLAS)
+    if environ.get("TERDIT_CPU_EIGEN", "0") == "1":
+        why = ("JAX started a backend before terdit_jax was imported; import terdit_jax first" if late else
+               None if _jaxlib_checked() else
+               f"the flag was checked on jaxlib {', '.join('%d.%d' % v for v in JAXLIB)} only; set XLA_FLAGS yourself")
+        if why and any(k not in named for k in CPU_EIGEN):
             import warnings
-            why = ("JAX started a backend before terdit_jax was imported; import terdit_jax first" if late else
-                   f"the flag was checked on jaxlib {', '.join('%d.%d' % v for v in JAXLIB)} only; set XLA_FLAGS "
-                   "yourself")
             warnings.warn(f"TERDIT_CPU_EIGEN=1 not applied: {why}", stacklevel=2)
-        return []
+        elif not why:
+            flags.update(CPU_EIGEN)
+    added = [] if late else [f"--{k}={v}" for k, v in flags.items() if k not in named]
     if added:
         environ["XLA_FLAGS"] = " ".join([given, *added]).strip()
     return added

@@ -127,6 +127,11 @@ def test_cublas_gemms_by_default_cpu_eigen_opt_in_and_what_the_user_set_is_left(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default alone is skipped quietly
         assert xla_flags.apply({}) == []
+    monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)
+    monkeypatch.setattr(xla_flags, "_jaxlib_checked", lambda: False)  # a jaxlib the Eigen flag was not checked on
+    env = {"TERDIT_CPU_EIGEN": "1"}
+    with pytest.warns(UserWarning, match="checked on jaxlib"):
+        assert xla_flags.apply(env) == [cublas] and env["XLA_FLAGS"] == cublas  # the stable GPU flag still goes
 
 
 def test_importing_the_package_first_with_cpu_eigen_compiles_dots_without_ynnpack():

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -213,13 +214,62 @@ def test_wheels_are_found_by_normalised_distribution_name(tmp_path):
 
 
 def test_install_fails_without_a_required_wheel_but_not_without_an_optional_one(tmp_path, monkeypatch):
-    """No diffusers wheel: the vs_diffusers stage runs ours alone, so install is ok; no mlxtend: the demo cannot run."""
-    ctx = types.SimpleNamespace(forced=set(), wheels=str(tmp_path), site=str(tmp_path / "site"))
-    for absent in ("diffusers", "mlxtend"):
-        monkeypatch.setattr(suite, "installed_version", lambda d, absent=absent: None if d == absent else "1.0")
-        rec = suite.stage_install(ctx, 10)
-        assert rec["missing"] == [absent] and rec["no_wheel"] == [absent], rec
-        assert rec["status"] == ("ok" if absent == "diffusers" else "failed"), rec
+    """No diffusers wheel, or a broken one: the vs_diffusers stage runs ours alone, so install is ok and the required
+    wheels are installed; no mlxtend wheel: the demo cannot run, so install fails."""
+    import glob
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the stage puts its site folder on sys.path
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels.mkdir()
+    ctx = types.SimpleNamespace(forced=set(), wheels=str(wheels), site=str(site), python=sys.executable,
+                                log=open(tmp_path / "log", "w"), work=str(tmp_path), env=lambda extra: dict(os.environ))
+    lacking = {"diffusers", "mlxtend"}
+    monkeypatch.setattr(suite, "installed_version", lambda d: "1.0" if d not in lacking or glob.glob(
+        str(site / f"{suite._norm(d)}-*.dist-info")) else None)
+    rec = suite.stage_install(ctx, 60)  # neither has a wheel
+    assert rec["missing"] == ["mlxtend", "diffusers"] and rec["no_wheel"] == ["mlxtend", "diffusers"]
+    assert rec["status"] == "failed" and "mlxtend" in rec["error"], rec
+    _metadata_wheel(wheels, "mlxtend")
+    (wheels / "diffusers-0.0.0-py3-none-any.whl").write_bytes(b"not a zip file")  # pip cannot install it
+    rec = suite.stage_install(ctx, 60)
+    assert rec["status"] == "ok" and rec["installed"] == ["mlxtend-0.0.0-py3-none-any.whl"], rec
+    assert rec["optional_error"] and rec["versions"]["diffusers"] is None
+
+
+def test_stage_flags_are_added_unless_the_user_named_them(monkeypatch):
+    ctx = types.SimpleNamespace(pkgs="p", site="s", cache="none", tiny=False)
+    assert suite.Context.env(ctx, {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm_int4=true")  # another flag, a longer name
+    assert suite.Context.env(ctx)["XLA_FLAGS"].split() == ["--xla_gpu_enable_triton_gemm_int4=true",
+                                                           *suite.GPU_FLAGS]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=4")  # the user's level stays
+    assert suite.Context.env(ctx)["XLA_FLAGS"].split() == ["--xla_gpu_autotune_level=4",
+                                                           "--xla_gpu_enable_triton_gemm=false"]
+    monkeypatch.delenv("XLA_FLAGS")  # --tiny runs on the CPU: no GPU flags
+    assert suite.Context.env(types.SimpleNamespace(**{**vars(ctx), "tiny": True}))["XLA_FLAGS"] == \
+        "--xla_backend_optimization_level=0"
+
+
+def test_a_stopped_diffusers_stage_keeps_its_finished_rows_and_a_disagreeing_row_is_shown_untimed(tmp_path):
+    vs = _load("vs_diffusers")
+    ctx = types.SimpleNamespace(work=str(tmp_path))
+    assert suite.partial_vs_diffusers(ctx) is None
+    row = {"what": "DiT-XL/2 CFG call", "compile": {"ours_s": 9.0}, "ratio": {"ours/torch_eager": 0.92},
+           "times": {"ours": {"median_s": 0.0978}, "torch_eager": {"median_s": 0.1066}}}
+    report = {"machine": {"jax_device": "gpu:NVIDIA H200", "torch_device": "cuda"}, "theirs": "measured",
+              "rows": {"dit_cfg": row, "ddim": {"error": "ddim 2 steps: ours and diffusers differ by 0.1"}}}
+    vs.write_partial(suite._diffusers_rows(ctx), report)  # what vs_diffusers --partial leaves after two rows
+    part = suite.partial_vs_diffusers(ctx)
+    assert part["partial"] and part["rows"] == report["rows"]
+    stages = _gpu_stages()
+    stages["vs_diffusers"] = {"status": "timed out", "error": "stopped", "partial_result": part}
+    goals = suite.goals(stages, tiny=False)
+    assert [g["status"] for g in goals if g["goal"].startswith("against diffusers")] == ["not measured"]
+    md = suite.render_md({"tiny": False, "started": "now", "header": {"host": "h", "python": "3", "versions": {}},
+                          "wall_s": 1.0, "total_budget_s": 540, "command": ["gpu_suite.py"], "goals": goals,
+                          "stages": {n: {**s, "budget_s": 1} for n, s in stages.items()}})
+    assert "| dit_cfg | DiT-XL/2 CFG call | 0.0978 | 0.1066 | 0.92 | 9 |" in md
+    assert "| ddim | not timed: ddim 2 steps: ours and diffusers differ by 0.1 |" in md
+    assert "partial: the stage timed out" in md
 
 
 def test_last_json_is_the_final_object_after_logs():
