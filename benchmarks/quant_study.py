@@ -129,9 +129,16 @@ def row_seeds(row: Row, n_seeds: int) -> list[int]:
     return list(range(n_seeds)) if row.claim else [0]
 
 
-def study_config(row: Row, seed: int, quick: bool, guidance: float = 4.0):
+def budget_tag(recon_iters: int) -> str:
+    """"" at the study's reconstruction budget, "_r<N>" at another: the suffix of a PTQ job's stored model and row
+    folder, so a run at another budget never reads back (or overwrites) the study's own."""
+    return "" if recon_iters == STUDY_RECON_ITERS else f"_r{recon_iters}"
+
+
+def study_config(row: Row, seed: int, quick: bool, guidance: float = 4.0, recon_iters: int = STUDY_RECON_ITERS):
     """configs/demo.py in the row's family with the row's overrides (training rows, training seed `seed`) or its
-    family's FP twin (seed 0) plus the method's settings (PTQ rows: calibration seed 1 + `seed`, at `guidance`)."""
+    family's FP twin (seed 0) plus the method's settings (PTQ rows: calibration seed 1 + `seed`, at `guidance`,
+    `recon_iters` reconstruction iterations per unit)."""
     c = demo_config()
     c.model.family = row.family
     c.seed = seed if row.kind == "train" else 0
@@ -141,7 +148,7 @@ def study_config(row: Row, seed: int, quick: bool, guidance: float = 4.0):
     q = c.quant
     q.calib_cfg_scale = guidance  # calibrate with the guidance the study samples with
     q.calib_seed = 1 + seed
-    q.recon_iters = STUDY_RECON_ITERS
+    q.recon_iters = recon_iters
     if quick:
         c.model.n_layers = 1
         c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.warmup_steps = 6, 2, 6, 0
@@ -155,7 +162,7 @@ def study_config(row: Row, seed: int, quick: bool, guidance: float = 4.0):
     if quick and c.train.lr_reduce_step >= 0:
         c.train.lr_reduce_step = 4
     if row.kind == "ptq":
-        q.name = f"{row.slug}_s{seed}"
+        q.name = f"{row.slug}_s{seed}{budget_tag(recon_iters)}"
     if c.sample.sampler != "ddim":
         raise ValueError("the study's same-noise guarantee needs the deterministic sampler (DDIM, eta 0)")
     return finalize(c)
@@ -392,14 +399,14 @@ class Study:
 
     def run(self, row: Row, seed: int) -> dict:
         """One job (a row at one seed) → its result (read back if it exists)."""
-        path = os.path.join(self.out, "rows", f"{row.slug}_seed{seed}")
+        path = job_dir(self.out, row, seed, self.args.recon_iters)
         result_path = os.path.join(path, "result.json")
         if os.path.exists(result_path):
             return json.load(open(result_path))
         os.makedirs(path, exist_ok=True)
         t0 = time.perf_counter()
         guidance = self.sweep(row.family)["best"]
-        config = study_config(row, seed, self.args.quick, guidance)
+        config = study_config(row, seed, self.args.quick, guidance, self.args.recon_iters)
         result = {"row": row.name, "group": row.group, "family": row.family, "seed": seed, "guidance": guidance}
         manifest = None
         if row.kind == "train":
@@ -784,6 +791,11 @@ def select_rows(spec: str) -> list[Row]:
     return rows
 
 
+def job_dir(out: str, row: Row, seed: int, recon_iters: int = STUDY_RECON_ITERS) -> str:
+    tag = budget_tag(recon_iters) if row.kind == "ptq" else ""
+    return os.path.join(out, "rows", f"{row.slug}_seed{seed}{tag}")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -792,16 +804,22 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="every row at a toy budget (checks the machinery)")
     p.add_argument("--inception", action="store_true", help="also an Inception FID of 500 samples per row")
     p.add_argument("--plan", action="store_true", help="print the jobs and the time estimate, run nothing")
+    p.add_argument("--recon_iters", type=int, default=STUDY_RECON_ITERS,
+                   help=f"PTQ reconstruction iterations per unit (default {STUDY_RECON_ITERS}, the study's; the "
+                        "paper's 20000); another budget gets its own stored models and row folders")
     args = p.parse_args(argv)
     if args.seeds < 1:
         print(f"error: --seeds {args.seeds}: need at least 1 seed per row", file=sys.stderr)
+        sys.exit(2)
+    if args.recon_iters < 1:
+        print(f"error: --recon_iters {args.recon_iters}: need at least 1 iteration per unit", file=sys.stderr)
         sys.exit(2)
     rows = select_rows(args.rows)
     jobs = [(row, seed) for row in rows for seed in row_seeds(row, args.seeds)]
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     done = {}
     for row, seed in jobs:
-        path = os.path.join(args.out, "rows", f"{row.slug}_seed{seed}", "result.json")
+        path = os.path.join(job_dir(args.out, row, seed, args.recon_iters), "result.json")
         if os.path.exists(path):
             done[(row, seed)] = json.load(open(path))
     hours_left = lambda: estimate_seconds(jobs, done, args.out) / 3600  # noqa: E731
@@ -829,7 +847,7 @@ def main(argv=None) -> dict:
                "evaluator_heldout_accuracy": study.evaluator.heldout_accuracy,
                "real_heldout_fid": study.evaluator.real_fid, "quick": args.quick, "seeds": args.seeds,
                "seconds": round(time.perf_counter() - t0, 1), "device": jax.devices()[0].device_kind,
-               "recon_iters": study_config(rows[0], 0, args.quick).quant.recon_iters,
+               "recon_iters": study_config(rows[0], 0, args.quick, recon_iters=args.recon_iters).quant.recon_iters,
                "loss_curves": loss_curves(study, jobs), "pareto": pareto(args.out, results, stats),
                "step_error": step_error_plot(args.out, results)}
     _save_json(os.path.join(args.out, "results.json"), summary)

@@ -170,3 +170,17 @@ def test_estimate_uses_measured_jobs_before_priors(tmp_path):
     (tmp_path / "guidance_large_dit.json").write_text("{}")  # swept already
     done = {(fp, 0): {"wall_seconds": 100.0}, (rtn, 0): {"wall_seconds": 30.0}}
     assert qs.estimate_seconds(jobs, done, str(tmp_path)) == pytest.approx(100.0 + 30.0 + sweep + p["train fp dit"])
+
+
+def test_another_reconstruction_budget_gets_its_own_models_and_row_folders(tmp_path, capsys):
+    """A PTQ job at --recon_iters 20000 must neither read back nor overwrite the study's 2,000-iteration one."""
+    row, fp = qs.ROW_BY_NAME["PTQ4DiT W4A8"], qs.ROW_BY_NAME["FP"]
+    ours, paper = (qs.study_config(row, 1, False, 1.5, n).quant for n in (qs.STUDY_RECON_ITERS, 20000))
+    assert (ours.recon_iters, ours.name) == (2000, "ptq4dit_w4a8_s1")
+    assert (paper.recon_iters, paper.name) == (20000, "ptq4dit_w4a8_s1_r20000")
+    assert qs.job_dir("o", row, 1) == os.path.join("o", "rows", "ptq4dit_w4a8_seed1")
+    assert qs.job_dir("o", row, 1, 20000) == os.path.join("o", "rows", "ptq4dit_w4a8_seed1_r20000")
+    assert qs.job_dir("o", fp, 0, 20000) == os.path.join("o", "rows", "fp_seed0")  # training rows: no budget
+    with pytest.raises(SystemExit) as e:
+        qs.main(["--out", str(tmp_path), "--recon_iters", "0"])
+    assert e.value.code == 2 and "error: --recon_iters 0" in capsys.readouterr().err
