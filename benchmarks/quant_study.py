@@ -308,6 +308,13 @@ class Study:
         for sub in ("train", "rows", "fp"):
             os.makedirs(os.path.join(self.out, sub), exist_ok=True)
 
+    def release(self) -> None:
+        """Drop the loaded models and every compiled program after a job. XLA's CPU executables each hold memory
+        mappings: kept for all 82 jobs of one process, they reached the kernel's limit (vm.max_map_count, 65,530)
+        and LLVM failed with "Cannot allocate memory" at job 68 of a --quick run (2026-12-04)."""
+        self._models.clear()
+        jax.clear_caches()
+
     def workdir(self, row: Row, seed: int) -> str:
         return os.path.join(self.out, "train", f"{row.slug}_seed{seed}")
 
@@ -692,12 +699,27 @@ def _save(fig, plt, path):
     return path
 
 
+METHOD_COLORS = {"RTN": "tab:blue", "PTQ4DiT": "tab:orange", "TQ-DiT": "tab:green", "TerDiT": "tab:red",
+                 "BitNet": "tab:purple", "FP": "black"}
+WIDTH_STYLES = {"W8A8": "-", "W6A6": "--", "W4A8": "-.", "W2A16": ":"}
+
+
+def _style(name: str) -> tuple[str, str, bool]:
+    """(colour by method, line style by bit width, whether it is a method's main row rather than an ablation or
+    variant) of a row: the 17 curves of a panel stay tellable apart."""
+    color = next((c for m, c in METHOD_COLORS.items() if name.startswith(m)), "gray")
+    style = next((ls for w, ls in WIDTH_STYLES.items() if f" {w}" in name), "-")
+    main = name.removesuffix(FAMILY_TAG[DIT]) in {f"{m} {w}" for m in ("RTN", "PTQ4DiT", "TQ-DiT") for w in WIDTH_STYLES}
+    return color, style, main
+
+
 def pareto(out: str, results: list[dict], stats: dict) -> str | None:
-    """pareto.png: deployed bytes (log) against FID-to-FP (PTQ rows) and against CNN-FID (every row)."""
+    """pareto.png: deployed bytes (log) against FID-to-FP (PTQ rows) and against CNN-FID (every row), both log: the
+    2-bit rows sit two orders of magnitude above the rest. Colour by method; only the claim rows are labelled."""
     plt = _pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     size = {r["row"]: r["deployed_bytes"] for r in results}
     group = {r["row"]: r["group"] for r in results}
     for ax, metric, title, only_ptq in ((axes[0], "fid_to_fp", "PTQ rows: FID to the FP twin", True),
@@ -705,16 +727,20 @@ def pareto(out: str, results: list[dict], stats: dict) -> str | None:
         for name, s in stats.items():
             if metric not in s or (only_ptq and group[name] != PTQ):
                 continue
-            ax.errorbar(size[name], s[metric].mean, yerr=s[metric].std, fmt="o", ms=4)
-            ax.annotate(name, (size[name], s[metric].mean), fontsize=6)
-        ax.set(xscale="log", xlabel="deployed model bytes", ylabel=metric, title=title)
-        ax.grid(alpha=0.3)
+            color = _style(name)[0]
+            ax.errorbar(size[name], s[metric].mean, yerr=s[metric].std, fmt="o", ms=4, color=color)
+            if name in ROW_BY_NAME and (ROW_BY_NAME[name].claim or "W2A16" in name) or group[name] != PTQ:
+                ax.annotate(name, (size[name], s[metric].mean), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set(xscale="log", yscale="log", xlabel="deployed model bytes", ylabel=metric, title=title)
+        ax.grid(alpha=0.3, which="both")
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=m) for m, c in METHOD_COLORS.items()]
+    axes[1].legend(handles=handles, fontsize=7)
     return _save(fig, plt, os.path.join(out, "pareto.png"))
 
 
 def step_error_plot(out: str, results: list[dict]) -> str | None:
     """step_error.png: the denoiser's relative error against FP at each sampling step (mean over seeds), one panel
-    per family, noisiest step on the left."""
+    per family, noisiest step on the left; colour by method, line style by bit width, ablations thin."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -723,15 +749,17 @@ def step_error_plot(out: str, results: list[dict]) -> str | None:
         if "step_error" in r:
             curves.setdefault((r["family"], r["row"]), []).append(r["step_error"])
     families = [f for f in FAMILY_TAG if any(f == fam for fam, _ in curves)] or list(FAMILY_TAG)
-    fig, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 5), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 5.5), sharey=True, squeeze=False)
     for ax, family in zip(axes[0], families):
         for (f, name), errs in curves.items():
             if f == family:
-                ax.plot(np.mean(errs, 0), label=name)
+                color, ls, main = _style(name)
+                ax.plot(np.mean(errs, 0), label=name, color=color, ls=ls, lw=1.8 if main else 0.8,
+                        alpha=1.0 if main else 0.6)
         ax.set(title=f"{family}: ‖f_q − f_FP‖/‖f_FP‖ along the FP trajectory", ylabel="relative error",
                xlabel="sampling step (noisiest first)", yscale="log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=5.5, ncol=2)
     return _save(fig, plt, os.path.join(out, "step_error.png"))
 
 
@@ -834,7 +862,11 @@ def main(argv=None) -> dict:
     study = Study(args, Evaluator(args.out, args.quick, log), log)
     results = []
     for i, (row, seed) in enumerate(jobs):
-        results.append(done.get((row, seed)) or study.run(row, seed))
+        if (row, seed) not in done:
+            results.append(study.run(row, seed))
+            study.release()
+        else:
+            results.append(done[(row, seed)])
         done[(row, seed)] = results[-1]
         log(f"[{i + 1}/{len(jobs)}] {row.name} seed {seed}: {results[-1]['wall_seconds']:.0f} s; elapsed "
             f"{time.perf_counter() - t0:.0f} s; estimate for the rest {hours_left():.2f} h")
