@@ -298,6 +298,18 @@ def loss_log(workdir: str) -> tuple[list[int], list[float]]:
     return [r["step"] for r in recs], [r["loss"] for r in recs]
 
 
+def mappings_used() -> float:
+    """The share of the kernel's memory-mapping limit (vm.max_map_count) this process holds; 1.0 where /proc does
+    not tell (then every job releases)."""
+    try:
+        with open("/proc/self/maps") as f:
+            held = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            return held / int(f.read())
+    except (OSError, ValueError):
+        return 1.0
+
+
 class Study:
     """Everything the rows share, made once and cached under <out>: trained models, each family's guidance sweep,
     the FP twins' samples per noise seed and their trajectories."""
@@ -308,12 +320,17 @@ class Study:
         for sub in ("train", "rows", "fp"):
             os.makedirs(os.path.join(self.out, sub), exist_ok=True)
 
-    def release(self) -> None:
-        """Drop the loaded models and every compiled program after a job. XLA's CPU executables each hold memory
-        mappings: kept for all 82 jobs of one process, they reached the kernel's limit (vm.max_map_count, 65,530)
-        and LLVM failed with "Cannot allocate memory" at job 68 of a --quick run (2026-12-04)."""
+    def release(self, share: float = 0.5) -> bool:
+        """After a job: drop the loaded models and every compiled program once this process holds more than
+        `share` of the kernel's memory-mapping limit. XLA's CPU executables each hold mappings: kept for all 82
+        jobs of one process, they reached the limit (vm.max_map_count, 65,530) and LLVM failed with "Cannot
+        allocate memory" at job 68 of a --quick run (2026-12-04). Below the share, the next job reuses them.
+        → whether it released."""
+        if mappings_used() <= share:
+            return False
         self._models.clear()
         jax.clear_caches()
+        return True
 
     def workdir(self, row: Row, seed: int) -> str:
         return os.path.join(self.out, "train", f"{row.slug}_seed{seed}")

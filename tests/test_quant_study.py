@@ -184,3 +184,16 @@ def test_another_reconstruction_budget_gets_its_own_models_and_row_folders(tmp_p
     with pytest.raises(SystemExit) as e:
         qs.main(["--out", str(tmp_path), "--recon_iters", "0"])
     assert e.value.code == 2 and "error: --recon_iters 0" in capsys.readouterr().err
+
+
+def test_release_drops_models_and_compiled_programs_only_near_the_mapping_limit(monkeypatch):
+    import jax
+    study = qs.Study.__new__(qs.Study)
+    study._models = {"a": 1}
+    assert 0 < qs.mappings_used() < 1  # this process, on Linux
+    compiled = jax.jit(lambda x: x + 1)
+    compiled(1.0)
+    assert compiled._cache_size() == 1
+    assert not study.release() and study._models and compiled._cache_size() == 1  # far below: kept
+    monkeypatch.setattr(qs, "mappings_used", lambda: 0.6)
+    assert study.release() and not study._models and compiled._cache_size() == 0
