@@ -259,18 +259,19 @@ def stage_install(ctx: Context, allowed_s: float) -> dict:
         wheels, absent = wheels_to_install(ctx.wheels, missing)
         rec["no_wheel"] = absent
         # the optional wheels in a pip call of their own: one that does not install must not cost the required
-        for group in ([w for w in wheels if not _is_optional(w)], [w for w in wheels if _is_optional(w)]):
+        for optional in (False, True):
+            group = [w for w in wheels if _is_optional(w) == optional]
             if not group:
                 continue
             cmd = [ctx.python, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile",
                    "--disable-pip-version-check", "--target", ctx.site] + group
             pip = run_process(ctx, "install", cmd, allowed_s)
-            if pip["status"] != "ok" and not _is_optional(group[0]):
-                return {**rec, **{k: v for k, v in pip.items() if k != "stdout"}}
-            if pip["status"] != "ok":
+            if pip["status"] == "ok":
+                rec["installed"] += [os.path.basename(w) for w in group]
+            elif optional:
                 rec["optional_error"] = pip["error"]
-                continue
-            rec["installed"] += [os.path.basename(w) for w in group]
+            else:
+                return {**rec, **{k: v for k, v in pip.items() if k != "stdout"}}
         sys.path.insert(0, ctx.site)  # so the versions below (and the report) see what was installed
         importlib.invalidate_caches()
     rec["versions"] = {d: installed_version(d) for d in CARRIED + OPTIONAL}

@@ -880,11 +880,9 @@ def main(argv=None) -> dict:
     results = []
     for i, (row, seed) in enumerate(jobs):
         if (row, seed) not in done:
-            results.append(study.run(row, seed))
+            done[(row, seed)] = study.run(row, seed)
             study.release()
-        else:
-            results.append(done[(row, seed)])
-        done[(row, seed)] = results[-1]
+        results.append(done[(row, seed)])
         log(f"[{i + 1}/{len(jobs)}] {row.name} seed {seed}: {results[-1]['wall_seconds']:.0f} s; elapsed "
             f"{time.perf_counter() - t0:.0f} s; estimate for the rest {hours_left():.2f} h")
     stats = aggregate(results)

@@ -672,15 +672,15 @@ def main(argv=None) -> int:
             res = ROW_FNS[r](p, a)
         except AgreementError as e:  # this row is not timed; the others still are, and the exit status is 1
             print(f"error: {e}", file=sys.stderr, flush=True)
-            report["rows"][r], disagreed = {"error": str(e)}, disagreed + [r]
-            write_partial(a.partial, report)
-            continue
-        res["wall_s"] = round(time.perf_counter() - t0, 1)
-        report["rows"][r] = res
-        # each row's medians on stderr as it ends: a run stopped later (the GPU suite's budget) still shows them
-        medians = {k: v["median_s"] for k, v in res["times"].items()}
-        print(f"[vs_diffusers] {r}: {json.dumps(res['ratio'])}, medians s {json.dumps(medians)}, in {res['wall_s']} s",
-              file=sys.stderr, flush=True)
+            report["rows"][r] = {"error": str(e)}
+            disagreed.append(r)
+        else:
+            res["wall_s"] = round(time.perf_counter() - t0, 1)
+            report["rows"][r] = res
+            # each row's medians on stderr as it ends: a run stopped later (the GPU suite's budget) still shows them
+            medians = {k: v["median_s"] for k, v in res["times"].items()}
+            print(f"[vs_diffusers] {r}: {json.dumps(res['ratio'])}, medians s {json.dumps(medians)}, "
+                  f"in {res['wall_s']} s", file=sys.stderr, flush=True)
         write_partial(a.partial, report)
     report["peak_rss_bytes"] = peak_rss_bytes()
     stats = device.memory_stats() or {}
