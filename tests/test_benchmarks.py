@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -44,6 +46,7 @@ def test_ptq_scaling_fit_recovers_a_known_linear_growth_and_its_miss():
     assert "not measured" in ptq_scaling.fit([run_at(8, 1), {"error": ["boom"]}], 512)["host_peak_fit"]
 
 
+@pytest.mark.slow
 def test_cpu_eigen_compares_the_same_programs_compiled_two_ways():
     """TERDIT_CPU_EIGEN=1 changes how XLA compiles (no YNNPACK fusions, which XLA's own settings make), and not
     what it computes: the two variants' outputs agree."""

@@ -239,6 +239,7 @@ def test_bad_input_fails_with_one_clear_message(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_lowbit_benchmark_tiny_mode_runs_and_every_kind_learns(capsys, xla_cache):
     """The benchmark's --tiny mode: its training steps on the demo config (1 block, fixed batch) lower the loss of
     TerDiT, BitNet b1.58 DiT and TerDiT W1.58A8 alike."""

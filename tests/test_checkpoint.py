@@ -50,6 +50,7 @@ def child(workdir, mode):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     p = child(tmp_path, "sigterm")
     for line in p.stdout:  # wait until the loop runs

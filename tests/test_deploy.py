@@ -24,8 +24,10 @@ from test_ptq import pixel_config, quick, randomised
 pytestmark = pytest.mark.usefixtures("xla_cache")  # the shared compile cache (conftest)
 QUIET = dict(log=lambda *_: None)
 # Every method on both families and both weight containers (int8 codes, packed int4), six runs in all.
-CASES = [("large_dit", "rtn", 8), ("dit", "rtn", 4), ("large_dit", "ptq4dit", 4), ("dit", "ptq4dit", 8),
-         ("large_dit", "tqdit", 8), ("dit", "tqdit", 4)]
+# one case in the default tier; the other five (every method at both widths, both families) are slow
+CASES = [pytest.param(*c, marks=pytest.mark.slow) for c in [("large_dit", "rtn", 8), ("dit", "rtn", 4),
+                                                            ("large_dit", "ptq4dit", 4), ("dit", "ptq4dit", 8)]]
+CASES += [("large_dit", "tqdit", 8), pytest.param("dit", "tqdit", 4, marks=pytest.mark.slow)]
 
 
 def _fp_workdir(root, family: str, scale: float = 0.2, image_size: int = 8, **model):
@@ -132,6 +134,7 @@ def test_integer_accumulators_are_the_fake_quantizers_integers(workdirs):
     assert checked == 21  # t-MLP 2, embedder, 3 per block's attention inputs + wo, w1/w3/w2, adaLN, final
 
 
+@pytest.mark.slow
 def test_a_deployed_model_samples_the_fake_quantized_models_images(tmp_path):
     """End to end on the demo-size model (dim 64, 4 blocks, 49 tokens, small random weights), 4 DDIM steps at CFG 4:
     the deployed RTN W8A8 model's images are the fake-quantized model's up to activations that lie within round-off

@@ -362,6 +362,7 @@ def test_sites_see_the_official_tensors_and_unfused_attention_equals_fused(tiny_
     np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(apply)(params, x, t, y)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tiny_dit_trains_checkpoints_and_samples_end_to_end(tmp_path):
     """train.train on the digits (28×28×1, patch 4 → 49 tokens), then --mode sample from its checkpoint."""
     from terdit_jax import train as T

@@ -92,6 +92,7 @@ def test_bad_input_gives_one_clear_message(args, expect):
     assert expect in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_imagenet_path_end_to_end_with_a_tiny_vae(tmp_path):
     """--mode extract_latents (ImageNet folder layout, diffusers VAE folder) → train on the latent shards →
     --mode sample decodes through the VAE."""
@@ -124,6 +125,7 @@ def test_imagenet_path_end_to_end_with_a_tiny_vae(tmp_path):
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_digits_quality_reports_class_accuracy_and_says_why_fid_is_missing(tmp_path):
     from terdit_jax.config import finalize
     from terdit_jax.configs.demo import get_config

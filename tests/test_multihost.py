@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_parallel import CACHE, ROOT  # noqa: E402
@@ -27,6 +28,7 @@ if jax.process_index() == 0:
 '''
 
 
+@pytest.mark.slow
 def test_two_hosts_match_one_host(tmp_path):
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):

@@ -50,8 +50,9 @@ def test_pixart_equals_diffusers_with_random_weights(micro):
     assert np.abs(np.asarray(model(x, t, (cap, np.ones_like(mask))))[0] - got[0]).max() > 1e-3
 
 
-@pytest.mark.parametrize("name,table", [("pixart_alpha_512", 1024 * 1152), ("pixart_sigma_1024", 4096 * 1152),
-                                        ("pixart_alpha_1024", 4096 * 1152)])
+@pytest.mark.parametrize("name,table", [("pixart_alpha_512", 1024 * 1152),
+                                        pytest.param("pixart_sigma_1024", 4096 * 1152, marks=pytest.mark.slow),
+                                        pytest.param("pixart_alpha_1024", 4096 * 1152, marks=pytest.mark.slow)])
 def test_pixart_configs_count_the_released_parameters(name, table):
     import importlib
     from diffusers import PixArtTransformer2DModel

@@ -229,7 +229,8 @@ def test_calibration_samples_caption_conditions_with_the_empty_caption_as_null(p
         conditions(bad)
 
 
-@pytest.mark.parametrize("method,w_bits", [("rtn", 8), ("ptq4dit", 8), ("tqdit", 4)])
+@pytest.mark.parametrize("method,w_bits", [("rtn", 8), pytest.param("ptq4dit", 8, marks=pytest.mark.slow),
+                                           pytest.param("tqdit", 4, marks=pytest.mark.slow)])
 def test_quantized_pixart_deploys_to_integer_linears_equal_to_the_fake_quantized_ones(pixart_run, tmp_path, method,
                                                                                       w_bits):
     import glob

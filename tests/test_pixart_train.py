@@ -257,6 +257,7 @@ def test_bad_caption_input_says_what_to_fix(tmp_path):
         CaptionedImages(str(tmp_path / "img"), embeds)
 
 
+@pytest.mark.slow
 def test_resume_on_caption_shards_is_bitwise_exact(tmp_path):
     image_folder(tmp_path / "img")
     extract(tmp_path / "img", tmp_path / "lat")

@@ -163,6 +163,7 @@ def test_a_resume_point_of_other_settings_is_kept_and_a_truncated_one_is_said_an
     assert os.path.exists(os.path.join(qckpt.model_dir(workdir, "rtn_resume"), qckpt.MANIFEST))
 
 
+@pytest.mark.slow
 def test_sigterm_in_reconstruction_keeps_the_resume_point_exits_0_and_the_resumed_model_keeps_every_unit(
         fp_workdir):
     cfg_file, workdir = fp_workdir
@@ -318,6 +319,7 @@ def test_the_official_preset_sets_the_codes_choices_and_refuses_a_conflicting_fi
         finalize(c)
 
 
+@pytest.mark.slow
 def test_export_deploys_a_quantized_model_that_samples_and_refuses_to_overwrite_it(fp_workdir):
     """--mode export --config.sample.quantized=NAME → <workdir>/quantized/NAME/deployed (integer weights);
     --config.sample.packed_path samples it; a second export exits 2 with one error line and leaves it alone."""

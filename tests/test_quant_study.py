@@ -122,6 +122,7 @@ def test_unknown_row_is_one_error_line(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_quick_study_writes_every_row_and_resumes(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}

@@ -212,6 +212,7 @@ def test_a_groups_parameters_act_only_on_its_steps():
     assert changed == [False, False, True, True, False, False]
 
 
+@pytest.mark.slow
 def test_quantize_then_sample_and_the_step_count_check(fp_run):  # noqa: F811
     from terdit_jax.sample import load_for_sampling
 

@@ -132,7 +132,7 @@ def test_a_higher_resolution_run_starts_from_lower_resolution_weights(tmp_path):
         T._init_from(str(tmp_path / "low"), fresh, T.abstract_state(finalize(other))[1], finalize(other), log=quiet)
 
 
-@pytest.mark.parametrize("warmup,d", [(False, 0.9999), (True, 0.1)])
+@pytest.mark.parametrize("warmup,d", [pytest.param(False, 0.9999, marks=pytest.mark.slow), (True, 0.1)])
 def test_ema_after_one_step(warmup, d):
     """EMA from step 0 (official) or with the (1+n)/(10+n) warmup, whose first-step decay is 0.1."""
     c = tiny_config(ema_warmup=warmup)

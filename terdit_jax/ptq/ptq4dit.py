@@ -25,7 +25,6 @@ import re
 import time
 
 import numpy as np
-from scipy import stats
 
 from terdit_jax.ptq import common as ptq
 from terdit_jax.ptq.reconstruct import ReconSettings, reconstruct
@@ -39,6 +38,7 @@ F_FLOOR = 1e-5
 def ssc_weights(s_x: np.ndarray, s_w: np.ndarray) -> np.ndarray:
     """η_i = softmax(−ρ_i) with ρ_i = Spearman(s_x[i], s_w): rows whose salience ranks disagree with the weights'
     weigh most (PTQ4DiT Eq. 11). s_x (n, C), s_w (C,) → (n,)."""
+    from scipy import stats  # here, not at the top: scipy.stats takes ~0.7 s to import and every CLI imports this
     rho = np.array([stats.spearmanr(row, s_w).statistic for row in s_x], np.float64)
     rho = np.nan_to_num(rho)  # a constant row has no rank order
     e = np.exp(-(rho - rho.min()))
