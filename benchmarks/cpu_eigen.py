@@ -36,11 +36,14 @@ TOL = 1e-4  # max |eigen − XLA's own| / max |XLA's own|: the same computation,
 VARIANTS = {"eigen": {"TERDIT_CPU_EIGEN": "1"}, "xla_own": {}}
 
 
+OURS = types.SimpleNamespace(dev=None, perturb=0.0, side="ours")  # vs_diffusers' rows for ours alone
+
+
 def dit_forward(p):
     """→ (zero-argument call, compiled program)."""
     import jax
     import jax.numpy as jnp
-    config, apply, params, _ = vd.build_dit(p.ddim_dit, p, types.SimpleNamespace(dev=None, perturb=0.0), seed=2)
+    config, apply, params, _ = vd.build_dit(p.ddim_dit, p, OURS, seed=2)
     x, t, y = (np.concatenate([v, v]) for v in vd._inputs(p, config.model, seed=3))
     args = (params, *(jnp.asarray(v) for v in (x, t, y)))
     compiled = jax.jit(apply).lower(*args).compile()
@@ -50,7 +53,7 @@ def dit_forward(p):
 def train_step(p):
     import jax
     import jax.numpy as jnp
-    _, _, params, _, (x, t, y, eps), _, step, tx = vd.train_problem(p, types.SimpleNamespace(dev=None, perturb=0.0))
+    _, _, params, _, (x, t, y, eps), _, step, tx = vd.train_problem(p, OURS)
     batch = tuple(jnp.asarray(v) for v in (x, t, y, eps))
     state = [params, tx.init(params)]
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*state, *batch).compile()

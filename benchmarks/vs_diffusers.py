@@ -1,9 +1,10 @@
 """Side by side with what users would run instead: our DiT, DDIM sampler, training step and SD-VAE against
 diffusers' (PyTorch) on the same machine, in one process, as ratios ours / theirs.
 
-    python benchmarks/vs_diffusers.py            # the README table (about 6 min on the idle 2-core VM)
+    python benchmarks/vs_diffusers.py            # the README table (6 min on the 2-core Xeon VM, 13 on the EPYC)
     python benchmarks/vs_diffusers.py --quick    # a tiny preset of every row: seconds
     python benchmarks/vs_diffusers.py --rows dit_cfg,vae --repeats 3
+    python benchmarks/vs_diffusers.py --memory   # and each row's peak memory, each side alone in a fresh process
 
 Rows (float32 everywhere):
   dit_cfg  one classifier-free-guided denoiser call of DiT-XL/2 at 256 px (32×32×4 latents), 8 images (16 model
@@ -30,7 +31,12 @@ reported with ratio = median ours / median theirs. Compile time is reported on i
 shape). Both sides use the same threads: the process is pinned to --threads cores (default all) and torch is told
 that many. Memory: the resident set's rise above its level before each call, its peak sampled every 2 ms in a
 thread (both sides, the largest over the timed calls), the process's peak resident set, and for ours XLA's
-compiled memory (arguments + temporaries + outputs − aliased, from the AOT compiled `memory_analysis`).
+compiled memory (arguments + temporaries + outputs − aliased, from the AOT compiled `memory_analysis`). The rise
+within one process favours torch, whose freed buffers stay in the allocator from the untimed call while XLA's
+large temporaries go back to the kernel after each; --memory therefore also runs every row once more per side,
+alone in a fresh process (--side), and reports the kernel's resident high-water mark over building the weights,
+compiling, the checking call and one timed call, less the process's resident set after importing its libraries
+(`memory_child`): the memory a user of that side needs for the row.
 
 Prints one JSON object. Needs the test extra (torch, diffusers); the package itself never imports torch.
 """
@@ -121,6 +127,20 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's high-water mark of this process's resident set (VmHWM, Linux ≥ 4.0: writing 5 to
+    /proc/self/clear_refs) → the resident bytes now, which a later `high_water_bytes` starts from."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_bytes()
+
+
+def high_water_bytes() -> int:
+    """VmHWM: the largest resident set since the process started or `reset_peak_rss` (kernel-kept, every page)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 class RSSPeak:
@@ -226,8 +246,9 @@ def official_state_dict(m, seed: int = 0) -> dict:
 
 
 def build_dit(preset: str, p: Preset, a, seed: int = 0):
-    """(config, apply, our params, the diffusers model or None) holding one set of random weights, theirs on
-    a.dev; a.perturb > 0 moves our copy of blocks.0's qkv weight (the test of a check that can fail)."""
+    """(config, apply, our params or None, the diffusers model or None) holding one set of random weights, theirs
+    on a.dev (None without a.dev), ours unless a.side == "theirs"; a.perturb > 0 moves our copy of blocks.0's qkv
+    weight (the test of a check that can fail)."""
     from terdit_jax.convert.dit_official import convert_state, diffusers_layout
     from terdit_jax.model_fn import abstract_model
 
@@ -251,7 +272,7 @@ def build_dit(preset: str, p: Preset, a, seed: int = 0):
     if a.perturb:
         w = sd["blocks.0.attn.qkv.weight"]
         sd["blocks.0.attn.qkv.weight"] = w + np.float32(a.perturb) * np.abs(w).max()
-    params = convert_state(sd, m)
+    params = None if a.side == "theirs" else convert_state(sd, m)
     del sd
     return config, abstract_model(m)[0], params, theirs
 
@@ -303,8 +324,9 @@ def torch_cfg_call(model, x, t, y, null: int, scale: float):
 def _finish(a, what: str, err: dict, compile_info: dict, variants: dict, repeats: int, compiled=None) -> dict:
     """Time the variants alternately and assemble the row."""
     times = alternate(variants, repeats)
-    row = {"what": what, "max_rel_err": err if a.dev else f"{NOT_MEASURED}: {a.why_not}", "compile": compile_info,
-           "times": times, "ratio": ratios(times) if a.dev else f"{NOT_MEASURED}: {a.why_not}"}
+    why = f"{NOT_MEASURED}: {a.why_not}" if not a.dev else f"{NOT_MEASURED}: --side {a.side}" if a.side else None
+    row = {"what": what, "max_rel_err": why or err, "compile": compile_info, "times": times,
+           "ratio": why or ratios(times)}
     if compiled is not None:
         row["memory"] = {"ours_compiled": compiled_memory(compiled)}
     return row
@@ -319,13 +341,15 @@ def row_dit_cfg(p: Preset, a) -> dict:
     config, apply, params, theirs = build_dit(p.dit, p, a)
     m = config.model
     x, t, y = _inputs(p, m)
-    fn = cfg_model_fn(bind(apply, params), CFG_SCALE, m.num_classes, guidance_channels=None)
-    args = (fn, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
-    t0 = time.perf_counter()
-    ours = jax.jit(lambda f, x, t, y: f(x, t, y)).lower(*args).compile()
-    info = {"ours_s": round(time.perf_counter() - t0, 2)}
-    ours_out, info["ours_first_call_s"], _ = timed(lambda: jax.block_until_ready(ours(*args)))
-    variants, err = {"ours": lambda: jax.block_until_ready(ours(*args))}, {}
+    ours, info, variants, err = None, {}, {}, {}
+    if params is not None:
+        fn = cfg_model_fn(bind(apply, params), CFG_SCALE, m.num_classes, guidance_channels=None)
+        args = (fn, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
+        t0 = time.perf_counter()
+        ours = jax.jit(lambda f, x, t, y: f(x, t, y)).lower(*args).compile()
+        info["ours_s"] = round(time.perf_counter() - t0, 2)
+        ours_out, info["ours_first_call_s"], _ = timed(lambda: jax.block_until_ready(ours(*args)))
+        variants["ours"] = lambda: jax.block_until_ready(ours(*args))
     if theirs is not None:
         import torch
         tx, tt, ty = to_torch(a, x, True), to_torch(a, t), to_torch(a, y)
@@ -341,7 +365,8 @@ def row_dit_cfg(p: Preset, a) -> dict:
                     raise
                 info[name] = f"{NOT_MEASURED}: {type(e).__name__}: {str(e)[:200]}"
                 continue
-            err[name] = agree(f"dit_cfg ({name})", np.asarray(ours_out), nhwc(out))
+            if ours is not None:
+                err[name] = agree(f"dit_cfg ({name})", np.asarray(ours_out), nhwc(out))
             variants[name] = run
     return _finish(a, f"{p.dit} CFG denoiser call, {p.batch} images ({2 * p.batch} model rows), "
                       f"{p.latent}x{p.latent}x4 latents, float32", err, info, variants, p.repeats["dit_cfg"], ours)
@@ -388,15 +413,18 @@ def row_ddim(p: Preset, a) -> dict:
             lat = sched.step(noise[:, :c], t, lat).prev_sample
         return nhwc(lat[: len(lat) // 2])
 
-    check, info, outs = p.check_steps, {}, {}
-    got, info[f"ours_first_{check}_step_sample_s"], _ = timed(lambda: ours(check))  # compiles the one step program
-    variants, err = {"ours": lambda: outs.__setitem__("ours", ours(p.ddim_steps))}, {}
+    check, info, outs, variants, err = p.check_steps, {}, {}, {}, {}
+    if params is not None:  # the first sample compiles the one step program
+        got, info[f"ours_first_{check}_step_sample_s"], _ = timed(lambda: ours(check))
+        variants["ours"] = lambda: outs.__setitem__("ours", ours(p.ddim_steps))
     if theirs is not None:
-        err[f"{check}_steps"] = agree(f"ddim {check} steps", got, torch_run(a, lambda: theirs_sample(check))())
+        first = torch_run(a, lambda: theirs_sample(check))()
+        if params is not None:
+            err[f"{check}_steps"] = agree(f"ddim {check} steps", got, first)
         variants["torch_eager"] = torch_run(a, lambda: outs.__setitem__("theirs", theirs_sample(p.ddim_steps)))
     row = _finish(a, f"{name} DDIM {p.ddim_steps} steps, {p.batch} images, guidance {CFG_SCALE} (model batch "
                      f"{2 * p.batch}), eta 0, float32", err, info, variants, p.repeats["ddim"])
-    if theirs is not None:  # the timed samples too
+    if len(outs) == 2:  # the timed samples too
         err[f"{p.ddim_steps}_steps"] = agree(f"ddim {p.ddim_steps} steps", outs["ours"], outs["theirs"])
     return row
 
@@ -435,11 +463,13 @@ def row_train(p: Preset, a) -> dict:
 
     config, _, params, theirs, (x, t, y, eps), loss_fn, step, tx = train_problem(p, a)
     m = config.model
-    batch = tuple(jnp.asarray(v) for v in (x, t, y, eps))
-    state = [params, tx.init(params)]
-    t0 = time.perf_counter()
-    ours_step = jax.jit(step, donate_argnums=(0, 1)).lower(*state, *batch).compile()
-    info, err = {"ours_s": round(time.perf_counter() - t0, 2)}, {}
+    ours_step, info, err = None, {}, {}
+    if params is not None:
+        batch = tuple(jnp.asarray(v) for v in (x, t, y, eps))
+        state = [params, tx.init(params)]
+        t0 = time.perf_counter()
+        ours_step = jax.jit(step, donate_argnums=(0, 1)).lower(*state, *batch).compile()
+        info["ours_s"] = round(time.perf_counter() - t0, 2)
 
     if theirs is not None:
         import torch
@@ -453,21 +483,22 @@ def row_train(p: Preset, a) -> dict:
             out = theirs(tb[0], timestep=tb[1], class_labels=tb[2]).sample
             return torch.mean(torch.square(out[:, :m.in_channels] - tb[3]))
 
-        # the check: the loss and the qkv, fc1, adaLN gradients of block 0 and the final layer's, before any update
-        loss, g = jax.jit(jax.value_and_grad(loss_fn))(state[0], *batch)
-        ref = theirs_loss()
-        ref.backward()
-        tb0, b0 = theirs.transformer_blocks[0], g["blocks"][0]
-        grads = {"qkv": (b0["attn"]["qkv"]["kernel"][...],
-                         torch.cat([getattr(tb0.attn1, n).weight.grad for n in ("to_q", "to_k", "to_v")]).T),
-                 "fc1": (b0["mlp"]["fc1"]["kernel"][...], tb0.ff.net[0].proj.weight.grad.T),
-                 "adaLN": (b0["adaLN_modulation"]["kernel"][...], tb0.norm1.linear.weight.grad.T),
-                 "final": (g["final_layer"]["linear"]["kernel"][...], theirs.proj_out_2.weight.grad.T)}
-        err["loss"] = agree("train loss", float(loss), ref.item())
-        err.update({f"grad_{k}": agree(f"train grad {k}", np.asarray(o), r.cpu().numpy())
-                    for k, (o, r) in grads.items()})
-        opt.zero_grad(set_to_none=True)
-        del g, grads
+        if ours_step is not None:  # the check: the loss and the qkv, fc1, adaLN gradients of block 0 and the
+            # final layer's, before any update
+            loss, g = jax.jit(jax.value_and_grad(loss_fn))(state[0], *batch)
+            ref = theirs_loss()
+            ref.backward()
+            tb0, b0 = theirs.transformer_blocks[0], g["blocks"][0]
+            grads = {"qkv": (b0["attn"]["qkv"]["kernel"][...],
+                             torch.cat([getattr(tb0.attn1, n).weight.grad for n in ("to_q", "to_k", "to_v")]).T),
+                     "fc1": (b0["mlp"]["fc1"]["kernel"][...], tb0.ff.net[0].proj.weight.grad.T),
+                     "adaLN": (b0["adaLN_modulation"]["kernel"][...], tb0.norm1.linear.weight.grad.T),
+                     "final": (g["final_layer"]["linear"]["kernel"][...], theirs.proj_out_2.weight.grad.T)}
+            err["loss"] = agree("train loss", float(loss), ref.item())
+            err.update({f"grad_{k}": agree(f"train grad {k}", np.asarray(o), r.cpu().numpy())
+                        for k, (o, r) in grads.items()})
+            opt.zero_grad(set_to_none=True)
+            del g, grads
 
         def theirs_run():
             loss = theirs_loss()
@@ -480,8 +511,10 @@ def row_train(p: Preset, a) -> dict:
         state[0], state[1], loss = ours_step(*state, *batch)
         return float(loss)
 
-    _, info["ours_first_step_s"], _ = timed(ours_run)
-    variants = {"ours": ours_run}
+    variants = {}
+    if ours_step is not None:
+        _, info["ours_first_step_s"], _ = timed(ours_run)
+        variants["ours"] = ours_run
     if theirs is not None:
         _, info["torch_eager_first_step_s"], _ = timed(theirs_run)  # AdamW allocates its moments here
         variants["torch_eager"] = theirs_run
@@ -498,7 +531,7 @@ def row_vae(p: Preset, a) -> dict:
 
     cfg = VAEConfig(**{k: v for k, v in p.vae.items() if k in ("block_out_channels", "layers_per_block",
                                                                "latent_channels", "norm_num_groups", "sample_size")})
-    theirs = None
+    theirs, ours_model = None, None
     if a.dev:
         import torch
         from diffusers import AutoencoderKL as TorchVAE
@@ -508,28 +541,32 @@ def row_vae(p: Preset, a) -> dict:
             for name, w in theirs.named_parameters():
                 w.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn(w.shape) if w.ndim == 1
                         else torch.randn(w.shape) / w[0].numel() ** 0.5)
-        sd = {k: v.numpy().copy() for k, v in theirs.state_dict().items()}
-        if a.perturb:
-            k = "decoder.conv_in.weight"
-            sd[k] = sd[k] + np.float32(a.perturb) * np.abs(sd[k]).max()
-        ours_model = convert_state_dict(sd, cfg)
-        del sd
+        if a.side != "theirs":
+            sd = {k: v.numpy().copy() for k, v in theirs.state_dict().items()}
+            if a.perturb:
+                k = "decoder.conv_in.weight"
+                sd[k] = sd[k] + np.float32(a.perturb) * np.abs(sd[k]).max()
+            ours_model = convert_state_dict(sd, cfg)
+            del sd
         theirs = theirs.to(a.dev)
     else:  # random weights of ours alone: the times do not depend on the values
         ours_model = AutoencoderKL(cfg, rngs=nnx.Rngs(7))
-    graphdef, state = nnx.split(ours_model)
     z = np.random.default_rng(8).standard_normal((p.batch, p.latent, p.latent, 4), dtype=np.float32)
-    zj = jnp.asarray(z)
-    t0 = time.perf_counter()
-    ours = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z)).lower(state, zj).compile()
-    info, err = {"ours_s": round(time.perf_counter() - t0, 2)}, {}
-    out, info["ours_first_call_s"], _ = timed(lambda: jax.block_until_ready(ours(state, zj)))
-    variants = {"ours": lambda: jax.block_until_ready(ours(state, zj))}
+    ours, info, err, variants = None, {}, {}, {}
+    if ours_model is not None:
+        graphdef, state = nnx.split(ours_model)
+        zj = jnp.asarray(z)
+        t0 = time.perf_counter()
+        ours = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z)).lower(state, zj).compile()
+        info["ours_s"] = round(time.perf_counter() - t0, 2)
+        out, info["ours_first_call_s"], _ = timed(lambda: jax.block_until_ready(ours(state, zj)))
+        variants["ours"] = lambda: jax.block_until_ready(ours(state, zj))
     if theirs is not None:
         zt = to_torch(a, z, True)
         eager = torch_run(a, lambda: theirs.decode(zt).sample)
         ref, info["torch_eager_first_call_s"], _ = timed(eager)
-        err["decode"] = agree("vae decode", np.asarray(out), nhwc(ref))
+        if ours is not None:
+            err["decode"] = agree("vae decode", np.asarray(out), nhwc(ref))
         variants["torch_eager"] = eager
     side = p.latent * cfg.downsample_factor
     return _finish(a, f"AutoencoderKL {tuple(cfg.block_out_channels)} decode, {p.batch} latents "
@@ -550,13 +587,14 @@ def row_gemm(p: Preset, a) -> dict:
     x, w, g = (rng.standard_normal(s, dtype=np.float32) for s in ((tokens, d), (d, f), (tokens, f)))
     products = {"forward": (((1,), (0,)), x, w), "grad_input": (((1,), (1,)), g, w),
                 "grad_weight": (((0,), (0,)), x, g)}
-    ours = []
-    for contract, lhs, rhs in products.values():
+    ours, variants, err = [], {}, {}
+    for contract, lhs, rhs in products.values() if a.side != "theirs" else ():
         args = (jnp.asarray(lhs), jnp.asarray(rhs))
         fn = jax.jit(lambda l, r, c=contract: jax.lax.dot_general(l, r, (c, ((), ()))))
         ours.append((fn.lower(*args).compile(), args))
     run_ours = lambda: [jax.block_until_ready(c(*args)) for c, args in ours]  # noqa: E731
-    variants, err = {"ours": run_ours}, {}
+    if ours:
+        variants["ours"] = run_ours
     if a.dev:
         pairs = []
         for contract, lhs, rhs in products.values():
@@ -603,6 +641,43 @@ def pin_threads(n: int) -> list[int]:
     return cores[:n]
 
 
+SIDES = ("ours", "theirs")
+
+
+def preimport(a) -> None:
+    """Import what the rows of `a.side` import and start its runtime, so the memory baseline taken after it holds
+    the libraries and only the row's weights, programs and buffers count."""
+    import jax.numpy as jnp
+    import optax  # noqa: F401
+    from flax import nnx  # noqa: F401
+    from terdit_jax.convert import dit_official  # noqa: F401
+    from terdit_jax.diffusion import gaussian, samplers  # noqa: F401
+    from terdit_jax.vae import autoencoder_kl, convert  # noqa: F401
+    jnp.zeros(1).block_until_ready()
+    if a.side == "theirs" and a.dev:
+        import torch
+        from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel  # noqa: F401
+        (torch.zeros(1, device=a.dev) + 1).cpu()
+
+
+def memory_child(a, row: str) -> dict:
+    """Run `row` for one side in a fresh process (this script with --side) → {side: peak bytes or why not}: the
+    process's resident high-water mark over building the side's weights, compiling (ours), the untimed checking
+    call and one timed call, less its resident set after the side's imports (`preimport`)."""
+    import subprocess
+    out = {}
+    for side in SIDES:
+        cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--rows", row, "--repeats", "1",
+               "--threads", str(a.threads)] + ["--quick"] * a.quick + ["--ddim_model", a.ddim_model] * bool(a.ddim_model)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            out[side] = json.loads(r.stdout.strip().splitlines()[-1])["process_peak_bytes"]
+        except (IndexError, KeyError, ValueError):
+            tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            out[side] = f"{NOT_MEASURED}: --side {side} exited {r.returncode}: {tail[:200]}"
+    return out
+
+
 def write_partial(path: str | None, report: dict) -> None:
     """The report so far, written whole to a temporary file and renamed, so a reader never sees half of it."""
     if path:
@@ -625,6 +700,10 @@ def main(argv=None) -> int:
                     help="write the report so far to FILE after each row (for a caller that may stop the run)")
     ap.add_argument("--perturb", type=float, default=0.0,
                     help="move one of OUR weights by this fraction of its max (the agreement check must then fail)")
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure each row's peak memory, each side alone in a fresh process (memory_child)")
+    ap.add_argument("--side", choices=SIDES, default=None,
+                    help="run one side only, no comparison, and report its process peak (what --memory runs)")
     a = ap.parse_args(argv)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
@@ -644,10 +723,17 @@ def main(argv=None) -> int:
             print(f"error: --ddim_model {a.ddim_model!r} is not a DiT preset; choose from {', '.join(dit_xl.PRESETS)}",
                   file=sys.stderr)
             return 2
-    a.torch_compile = (a.torch_compile or ("off" if a.quick else "on")) == "on"
+    a.torch_compile = (a.torch_compile or ("off" if a.quick else "on")) == "on" and not a.side
+    if a.side:  # a 50-step sample peaks where a short one does (the same step program): spare the time
+        p = dataclasses.replace(p, ddim_steps=p.check_steps)
 
     import jax
     a.dev, a.why_not, versions = theirs_device(jax.default_backend())
+    if a.side == "ours":  # ours alone, torch never imported
+        a.dev, a.why_not, versions = None, "--side ours", {}
+    elif a.side == "theirs" and not a.dev:
+        print(f"error: --side theirs: {a.why_not}; install the test extra (torch, diffusers)", file=sys.stderr)
+        return 2
     if a.dev:
         import torch
         torch.set_num_threads(a.threads)
@@ -664,6 +750,9 @@ def main(argv=None) -> int:
                           "torch_threads": a.threads if a.dev else None},
               "theirs": "measured" if a.dev else f"{NOT_MEASURED}: {a.why_not}",
               "versions": {"jax": jax.__version__, **versions}, "tolerance": TOL, "rows": {}}
+    if a.side:
+        preimport(a)
+        base = reset_peak_rss()
     disagreed = []
     for r in rows:
         t0 = time.perf_counter()
@@ -681,8 +770,12 @@ def main(argv=None) -> int:
             medians = {k: v["median_s"] for k, v in res["times"].items()}
             print(f"[vs_diffusers] {r}: {json.dumps(res['ratio'])}, medians s {json.dumps(medians)}, "
                   f"in {res['wall_s']} s", file=sys.stderr, flush=True)
+        if a.memory and r in report["rows"] and "error" not in report["rows"][r]:
+            report["rows"][r].setdefault("memory", {})["process_peak_bytes"] = memory_child(a, r)
         write_partial(a.partial, report)
     report["peak_rss_bytes"] = peak_rss_bytes()
+    if a.side:
+        report["process_peak_bytes"] = high_water_bytes() - base
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:  # accelerators: the device peaks of both sides
         report["device_peak_bytes"] = {"ours": stats["peak_bytes_in_use"]}

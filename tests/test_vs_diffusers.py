@@ -55,7 +55,8 @@ def test_a_perturbed_weight_of_ours_is_refused_before_timing(row, monkeypatch):
     pytest.importorskip("diffusers")
     timed_anything = []
     monkeypatch.setattr(vs, "alternate", lambda *a, **k: timed_anything.append(1))
-    a = argparse.Namespace(perturb=1e-3, torch_compile=False, ddim_model=None, dev="cpu", why_not=None)
+    a = argparse.Namespace(perturb=1e-3, torch_compile=False, ddim_model=None, dev="cpu", why_not=None,
+                           side=None)
     with pytest.raises(vs.AgreementError, match="differ by"):
         vs.ROW_FNS[row](vs.PRESETS["quick"], a)
     assert not timed_anything
@@ -89,3 +90,28 @@ def test_a_row_that_disagrees_is_not_timed_and_the_other_rows_still_are():
     rows = json.loads(r.stdout.strip().splitlines()[-1])["rows"]
     assert set(rows["dit_cfg"]) == {"error"} and "differ by" in rows["dit_cfg"]["error"]
     assert rows["gemm"]["times"]["ours"]["median_s"] > 0 and rows["gemm"]["times"]["torch_eager"]["median_s"] > 0
+
+
+@pytest.mark.slow
+def test_memory_runs_each_side_alone_and_ours_holds_at_least_the_step_arguments():
+    """--memory: each side of a row alone in a fresh process; ours' peak holds at least what XLA says the training
+    step's arguments take (the parameters and both AdamW moments, resident throughout), theirs' at least torch's
+    parameters, gradients and two AdamW moments."""
+    pytest.importorskip("diffusers")
+    r = subprocess.run([sys.executable, SCRIPT, "--quick", "--repeats", "1", "--rows", "train", "--memory"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = json.loads(r.stdout.strip().splitlines()[-1])["rows"]["train"]
+    peak, compiled = train["memory"]["process_peak_bytes"], train["memory"]["ours_compiled"]
+    assert isinstance(peak["ours"], int) and isinstance(peak["theirs"], int), peak
+    assert peak["ours"] >= compiled["argument"] > 0
+    params_bytes = compiled["output"] // 3  # the step returns params and both moments (+ a scalar loss)
+    assert peak["theirs"] >= 4 * params_bytes
+
+
+def test_the_high_water_mark_sees_a_freed_allocation():
+    base = vs.reset_peak_rss()
+    a = np.ones(64 * 2**20 // 4, np.float32)  # 64 MiB, every page written, then returned to the kernel
+    del a
+    assert 60 * 2**20 <= vs.high_water_bytes() - base < 128 * 2**20
+    assert vs.reset_peak_rss() == pytest.approx(vs.high_water_bytes(), rel=0.05)
