@@ -102,7 +102,8 @@ def test_lowbit_pixart_builds_and_its_gradient_is_the_finite_difference(linear, 
 
 # --------------------------------------------------------------------------------------------------- packed
 
-@pytest.mark.parametrize("linear,act_bits", [("ternary", 16), ("ternary", 8), ("bitnet", 8)])
+@pytest.mark.parametrize("linear,act_bits", [pytest.param("ternary", 16, marks=pytest.mark.slow), ("ternary", 8),
+                                             ("bitnet", 8)])
 def test_packed_pixart_export_samples_what_the_qat_model_computes(linear, act_bits, tmp_path):
     from terdit_jax import export
     from terdit_jax.models import packed as packed_lib
@@ -229,8 +230,8 @@ def test_calibration_samples_caption_conditions_with_the_empty_caption_as_null(p
         conditions(bad)
 
 
-@pytest.mark.parametrize("method,w_bits", [("rtn", 8), pytest.param("ptq4dit", 8, marks=pytest.mark.slow),
-                                           pytest.param("tqdit", 4, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("method,w_bits", [("rtn", 8), ("ptq4dit", 8), ("tqdit", 4)])
 def test_quantized_pixart_deploys_to_integer_linears_equal_to_the_fake_quantized_ones(pixart_run, tmp_path, method,
                                                                                       w_bits):
     import glob

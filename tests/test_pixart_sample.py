@@ -260,6 +260,7 @@ def sample_workdir(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_sample_mode_from_a_prompt_file_and_from_prompt_embeds(sample_workdir, pipeline_dir, tmp_path, monkeypatch):
     from terdit_jax.sample import run_sample_mode
     root, _ = pipeline_dir

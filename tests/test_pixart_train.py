@@ -301,6 +301,7 @@ print(json.dumps({"loss": float(m["loss"]), "mesh": dict(mesh.shape), "tensor_sp
 '''
 
 
+@pytest.mark.slow
 def test_sharded_step_with_captions_matches_unsharded(tmp_path):
     """data 2 × fsdp 2 × tensor 2, 2 microbatches, 'dots' remat, caption batches: the same step as one device, no
     mesh, one batch."""

@@ -180,6 +180,7 @@ def test_csb_and_its_reparameterization_leave_the_fp_output_unchanged(fp_run, fa
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_quantize_resume_and_sample_end_to_end(fp_run, monkeypatch):
     """PTQ4DiT W4A8 on the tiny model, stopped inside block 1, resumed there, then sampled like any model."""
     from terdit_jax.sample import load_for_sampling, run_sample_mode

@@ -119,6 +119,7 @@ def test_bad_settings_end_in_one_error_line(fp_workdir, args, expect):
     one_error_line(cli(cfg_file, workdir, *[a.format(cfg_file=cfg_file) for a in args]), expect)
 
 
+@pytest.mark.slow
 def test_quantize_rebuilds_a_truncated_cached_calibration_set_and_takes_the_checkpoints_architecture(fp_workdir):
     """A truncated cache is named and rebuilt; a config that forgot model.linear=fp is told the checkpoint's
     architecture wins; the model's folder gets the permissions of a plain mkdir."""

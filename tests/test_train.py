@@ -93,6 +93,7 @@ def latent_config(path, **train):
     return finalize(c)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_exact_with_the_data_position(tmp_path):
     write_latents(tmp_path / "latents")
     straight = T.train(latent_config(tmp_path / "latents", steps=6, ckpt_every=3), str(tmp_path / "a"), log=quiet)
@@ -108,6 +109,7 @@ def test_resume_is_bitwise_exact_with_the_data_position(tmp_path):
     ck.close()
 
 
+@pytest.mark.slow
 def test_a_higher_resolution_run_starts_from_lower_resolution_weights(tmp_path):
     """The paper's 256 → 512 px continuation, in pixel space: 28 px weights start a 56 px run (RoPE, no position
     table), the loaded weights are the ones used, and the model runs at the new size."""

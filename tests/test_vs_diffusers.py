@@ -80,6 +80,7 @@ def test_bad_arguments_are_one_error_line_and_exit_2():
     assert "\n" not in r.stderr.strip() and "dit_cfg, ddim, train, vae" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_row_that_disagrees_is_not_timed_and_the_other_rows_still_are():
     """One disagreeing row must not cost the others (the GPU suite runs every row in one budgeted process)."""
     pytest.importorskip("diffusers")
