@@ -34,9 +34,10 @@ thread (both sides, the largest over the timed calls), the process's peak reside
 compiled memory (arguments + temporaries + outputs − aliased, from the AOT compiled `memory_analysis`). The rise
 within one process favours torch, whose freed buffers stay in the allocator from the untimed call while XLA's
 large temporaries go back to the kernel after each; --memory therefore also runs every row once more per side,
-alone in a fresh process (--side), and reports the kernel's resident high-water mark over building the weights,
+alone in a fresh process (--side), and reports the kernel's resident high-water mark from the moment the weights
+are in place (building them from the shared random draw has transients a checkpoint loader would not) over
 compiling, the checking call and one timed call, less the process's resident set after importing its libraries
-(`memory_child`): the memory a user of that side needs for the row.
+(`memory_child`): the memory a user of that side needs for the row, weights included.
 
 Prints one JSON object. Needs the test extra (torch, diffusers); the package itself never imports torch.
 """
@@ -274,6 +275,8 @@ def build_dit(preset: str, p: Preset, a, seed: int = 0):
         sd["blocks.0.attn.qkv.weight"] = w + np.float32(a.perturb) * np.abs(w).max()
     params = None if a.side == "theirs" else convert_state(sd, m)
     del sd
+    if a.side:
+        reset_peak_rss()  # --side: a checkpoint's loader has its own transients; the row's peak starts here
     return config, abstract_model(m)[0], params, theirs
 
 
@@ -551,6 +554,8 @@ def row_vae(p: Preset, a) -> dict:
         theirs = theirs.to(a.dev)
     else:  # random weights of ours alone: the times do not depend on the values
         ours_model = AutoencoderKL(cfg, rngs=nnx.Rngs(7))
+    if a.side:
+        reset_peak_rss()  # as in build_dit
     z = np.random.default_rng(8).standard_normal((p.batch, p.latent, p.latent, 4), dtype=np.float32)
     ours, info, err, variants = None, {}, {}, {}
     if ours_model is not None:
@@ -662,8 +667,8 @@ def preimport(a) -> None:
 
 def memory_child(a, row: str) -> dict:
     """Run `row` for one side in a fresh process (this script with --side) → {side: peak bytes or why not}: the
-    process's resident high-water mark over building the side's weights, compiling (ours), the untimed checking
-    call and one timed call, less its resident set after the side's imports (`preimport`)."""
+    process's resident high-water mark from when the side's weights are built (reset there) over compiling (ours),
+    the untimed checking call and one timed call, less its resident set after the side's imports (`preimport`)."""
     import subprocess
     out = {}
     for side in SIDES:
