@@ -659,15 +659,15 @@ def preimport(a) -> None:
     from terdit_jax.diffusion import gaussian, samplers  # noqa: F401
     from terdit_jax.vae import autoencoder_kl, convert  # noqa: F401
     jnp.zeros(1).block_until_ready()
-    if a.side == "theirs" and a.dev:
+    if a.side == "theirs":  # main has refused --side theirs without torch
         import torch
         from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel  # noqa: F401
         (torch.zeros(1, device=a.dev) + 1).cpu()
 
 
 def memory_child(a, row: str) -> dict:
-    """Run `row` for one side in a fresh process (this script with --side) → {side: peak bytes or why not}: the
-    process's resident high-water mark from when the side's weights are built (reset there) over compiling (ours),
+    """Run `row` once per side, each in a fresh process (this script with --side) → {side: peak bytes or why not}:
+    the process's resident high-water mark from when the side's weights are built (reset there) over compiling (ours),
     the untimed checking call and one timed call, less its resident set after the side's imports (`preimport`)."""
     import subprocess
     out = {}
@@ -775,7 +775,7 @@ def main(argv=None) -> int:
             medians = {k: v["median_s"] for k, v in res["times"].items()}
             print(f"[vs_diffusers] {r}: {json.dumps(res['ratio'])}, medians s {json.dumps(medians)}, "
                   f"in {res['wall_s']} s", file=sys.stderr, flush=True)
-        if a.memory and r in report["rows"] and "error" not in report["rows"][r]:
+        if a.memory and "error" not in report["rows"][r]:
             report["rows"][r].setdefault("memory", {})["process_peak_bytes"] = memory_child(a, r)
         write_partial(a.partial, report)
     report["peak_rss_bytes"] = peak_rss_bytes()
