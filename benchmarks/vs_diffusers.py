@@ -752,7 +752,8 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"cores_used": cores, "cpu_count": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0],
                           "jax_device": f"{device.platform}:{device.device_kind}", "torch_device": a.dev,
-                          "torch_threads": a.threads if a.dev else None},
+                          "torch_threads": a.threads if a.dev else None,
+                          "xla_flags": os.environ.get("XLA_FLAGS", "")},  # terdit_jax's defaults included
               "theirs": "measured" if a.dev else f"{NOT_MEASURED}: {a.why_not}",
               "versions": {"jax": jax.__version__, **versions}, "tolerance": TOL, "rows": {}}
     if a.side:

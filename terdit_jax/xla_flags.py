@@ -1,4 +1,4 @@
-"""XLA settings applied when `terdit_jax` is imported: one by default on GPUs, one opt-in for CPUs.
+"""XLA settings applied when `terdit_jax` is imported: one default for GPUs, one for CPUs, one CPU opt-in.
 
 XLA reads XLA_FLAGS once, when JAX starts its first backend, so they take effect only if `terdit_jax` is imported
 before anything runs on a device (`jax.numpy` calls, `jax.devices()`); a flag the user already put in XLA_FLAGS is
@@ -10,11 +10,17 @@ call (float32, batch 16) took 0.420 s against diffusers' 0.107 s; with cuBLAS 0.
 level (Triton GEMMs on) every suite stage was still autotuning GEMMs when its 25-90 s budget ran out; how long
 compiles take there with cuBLAS alone is not measured. The CPU backend accepts the flag and ignores it.
 
-CPU_EIGEN, with TERDIT_CPU_EIGEN=1: XLA's CPU backend (jaxlib 0.10, 0.11) sends dots and reductions to YNNPACK.
-Its Eigen path ran the float32 programs faster on the 2-core Xeon (AVX-512) VM, most of all the SD-VAE decode's
-convolutions (`benchmarks/cpu_eigen.py` runs both in worker processes and prints the ratios). It is not the
-default because Eigen has no bfloat16 dot: the packed-ternary fallback's bf16 matmuls then run upcast, with larger
-temporaries.
+CPU_NO_YNN_CONV, the default on the jaxlib releases it was checked on: XLA's CPU backend (jaxlib 0.10, 0.11) hands
+dots, reductions and convolutions to YNNPACK (its default fusion types are exactly
+"individual_dot,reduce,individual_convolution": the compiled programs are the same). This keeps the dots and
+reductions there and sends convolutions to XLA's Eigen convolution: on the 2-core AMD EPYC VM the SD-VAE decode
+took 0.85x the time (7.0 s against 8.25 s for 2 latents) and its peak resident memory fell by 0.6 GB (YNNPACK's
+convolution scratch); programs without convolutions (every DiT) compile to the same HLO as before.
+
+CPU_EIGEN, with TERDIT_CPU_EIGEN=1: no YNNPACK at all; dots and reductions go to XLA's own (Eigen) emitters too.
+It ran the float32 programs faster on the 2-core Xeon (AVX-512) VM (`benchmarks/cpu_eigen.py` runs the settings
+in worker processes and prints the ratios). It is not the default because Eigen has no bfloat16 dot: the
+packed-ternary fallback's bf16 matmuls then run upcast, with larger temporaries.
 """
 from __future__ import annotations
 
@@ -22,10 +28,12 @@ import os
 
 # flag → value
 GPU_CUBLAS = {"xla_gpu_enable_triton_gemm": "false"}
+# XLA's own YNNPACK fusion types without "individual_convolution"
+CPU_NO_YNN_CONV = {"xla_cpu_experimental_ynn_fusion_type": "individual_dot,reduce"}
 # an empty YNN fusion-type list sends every dot and reduction to XLA's own (Eigen) emitters
 CPU_EIGEN = {"xla_cpu_experimental_ynn_fusion_type": ""}
-# XLA aborts the process on a flag it does not know, and the Eigen one is experimental: only the jaxlib releases it
-# was checked on get it (the GPU one is a stable flag of XLA's and goes to every release).
+# XLA aborts the process on a flag or a fusion type it does not know, and the CPU flag is experimental: only the
+# jaxlib releases it was checked on get it (the GPU one is a stable flag of XLA's and goes to every release).
 JAXLIB = ((0, 10), (0, 11))
 
 
@@ -44,16 +52,18 @@ def _backend_started() -> bool:
 
 
 def apply(environ=os.environ) -> list[str]:
-    """Append to XLA_FLAGS the GPU_CUBLAS flags, and with TERDIT_CPU_EIGEN=1 the CPU_EIGEN ones, that the user did
-    not set. → the flags added ([] when every flag is already set, or when a backend has started and it is too
-    late). The opt-in warns when it is not applied (too late, or a jaxlib it was not checked on); the default, a
-    stable flag, stays quiet."""
+    """Append to XLA_FLAGS the GPU_CUBLAS flags and, on a checked jaxlib, CPU_NO_YNN_CONV's, or CPU_EIGEN's with
+    TERDIT_CPU_EIGEN=1, where the user did not name the flag. → the flags added ([] when every flag is already
+    set, or when a backend has started and it is too late). The opt-in warns when it is not applied (too late,
+    or a jaxlib it was not checked on); the defaults stay quiet."""
     given = environ.get("XLA_FLAGS", "")
     named = {f.split("=")[0].lstrip("-") for f in given.split()}
-    late, flags = _backend_started(), dict(GPU_CUBLAS)
+    late, flags, checked = _backend_started(), dict(GPU_CUBLAS), _jaxlib_checked()
+    if checked:
+        flags.update(CPU_NO_YNN_CONV)
     if environ.get("TERDIT_CPU_EIGEN", "0") == "1":
         why = ("JAX started a backend before terdit_jax was imported; import terdit_jax first" if late else
-               None if _jaxlib_checked() else
+               None if checked else
                f"the flag was checked on jaxlib {', '.join('%d.%d' % v for v in JAXLIB)} only; set XLA_FLAGS yourself")
         if why and any(k not in named for k in CPU_EIGEN):
             import warnings

@@ -66,6 +66,16 @@ def test_head_major_attention_with_every_key_masked_averages_v_as_jax_nn_does():
     np.testing.assert_allclose(np.asarray(got[0]), np.broadcast_to(np.asarray(v[0]).mean(0), (3, 2, 4)), atol=1e-6)
 
 
+def test_head_major_attention_scales_q_not_the_scores():
+    """The scale multiplies q (B, H, Tq, hd), not the (B, H, Tq, Tk) scores: inside a YNNPACK fusion XLA's CPU
+    backend passes a scalar multiplier of the scores as a materialised (B, H, Tq, Tk) array, kept live for the
+    whole program (64 MB in the DiT-XL/2 CFG call)."""
+    q = jnp.ones((2, 6, 3, 4))
+    eqns = jax.make_jaxpr(lambda q: head_major_attention(q, q, q, 0.5))(q).jaxpr.eqns
+    muls = [e.outvars[0].aval.shape for e in eqns if e.primitive.name == "mul"]
+    assert (2, 3, 6, 6) not in muls and (2, 3, 6, 4) in muls, muls
+
+
 def test_attention_without_sites_runs_head_major_on_the_cpu(monkeypatch):
     from terdit_jax.models import layers
     calls = []
@@ -106,11 +116,13 @@ def test_dense_on_token_batches_is_one_2d_matmul_in_both_directions():
 
 def test_cublas_gemms_by_default_cpu_eigen_opt_in_and_what_the_user_set_is_left(monkeypatch):
     monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)  # (this process's backend has started)
+    monkeypatch.setattr(xla_flags, "_jaxlib_checked", lambda: True)
     cublas, eigen = "--xla_gpu_enable_triton_gemm=false", "--xla_cpu_experimental_ynn_fusion_type="
+    no_conv = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
     env = {}
-    assert xla_flags.apply(env) == [cublas] and env["XLA_FLAGS"] == cublas  # Eigen not asked for
-    env = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}  # the user's choice stays
-    assert xla_flags.apply(env) == [] and env["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"
+    assert xla_flags.apply(env) == [cublas, no_conv] and env["XLA_FLAGS"] == f"{cublas} {no_conv}"
+    env = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true --xla_cpu_experimental_ynn_fusion_type=dot"}
+    assert xla_flags.apply(dict(env)) == []  # the user's choices stay
     env = {"TERDIT_CPU_EIGEN": "1"}
     assert xla_flags.apply(env) == [cublas, eigen] and env["XLA_FLAGS"] == f"{cublas} {eigen}"
     env = {"TERDIT_CPU_EIGEN": "1",
@@ -125,13 +137,41 @@ def test_cublas_gemms_by_default_cpu_eigen_opt_in_and_what_the_user_set_is_left(
     with pytest.warns(UserWarning, match="import terdit_jax first"):
         assert xla_flags.apply({"TERDIT_CPU_EIGEN": "1"}) == []
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the default alone is skipped quietly
+        warnings.simplefilter("error")  # the defaults alone are skipped quietly
         assert xla_flags.apply({}) == []
     monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)
-    monkeypatch.setattr(xla_flags, "_jaxlib_checked", lambda: False)  # a jaxlib the Eigen flag was not checked on
+    monkeypatch.setattr(xla_flags, "_jaxlib_checked", lambda: False)  # a jaxlib the CPU flag was not checked on
     env = {"TERDIT_CPU_EIGEN": "1"}
     with pytest.warns(UserWarning, match="checked on jaxlib"):
         assert xla_flags.apply(env) == [cublas] and env["XLA_FLAGS"] == cublas  # the stable GPU flag still goes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert xla_flags.apply({}) == [cublas]  # the CPU default is left out quietly
+
+
+_YNN_PROGRAM = (  # a convolution, a dot and a reduction, large enough for XLA to hand each to YNNPACK
+    "import jax, jax.numpy as jnp, re; x = jnp.ones((2, 32, 32, 64)); k = jnp.ones((3, 3, 64, 64)); "
+    "conv = lambda a: jax.lax.conv_general_dilated(a, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')); "
+    "t = jax.jit(lambda a: (conv(a), a.reshape(-1, 64) @ k[0, 0], jnp.square(a).sum(-1))).lower(x).compile().as_text(); "
+    "t = re.sub(r'metadata=[{][^}]*[}]', '', t); print(t.count('__ynn_fusion'), len(t), hash(t))")
+
+
+def _compile_in_subprocess(code: str, env: dict) -> list[str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TERDIT_CPU_EIGEN")}
+    return subprocess.run([sys.executable, "-c", code], env={**base, "PYTHONHASHSEED": "0", **env},
+                          capture_output=True, text=True, timeout=120, check=True).stdout.split()
+
+
+def test_cpu_default_keeps_ynnpack_dots_and_reductions_and_takes_convolutions_out():
+    """XLA's own YNNPACK fusion types are individual_dot,reduce,individual_convolution (the programs are the same;
+    what benchmarks/cpu_eigen.py's xla_own variant sets); importing terdit_jax first drops the convolutions alone."""
+    if not xla_flags._jaxlib_checked():
+        pytest.skip("the CPU default applies to the checked jaxlib releases only")
+    own = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce,individual_convolution"
+    bare, named = (_compile_in_subprocess(_YNN_PROGRAM, env) for env in ({}, {"XLA_FLAGS": own}))
+    ours = _compile_in_subprocess("import terdit_jax; " + _YNN_PROGRAM, {})
+    assert bare == named  # the same compiled program
+    assert 0 < int(ours[0]) < int(bare[0])  # the conv's own YNNPACK fusion is gone, the dot and reductions stay
 
 
 def test_importing_the_package_first_with_cpu_eigen_compiles_dots_without_ynnpack():

@@ -102,7 +102,7 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     products and normalized probabilities cost it extra copies and passes (benchmarks/vs_diffusers.py's rows).
     """
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
-    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
     if mask is not None:  # the lowest finite value, not −inf: a row with every key masked averages v, as in jax.nn
         s = jnp.where(mask[:, None, None, :] > 0, s, jnp.finfo(s.dtype).min)
     # the row max only keeps exp in range; it cancels in the ratio, so it needs no gradient
