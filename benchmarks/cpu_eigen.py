@@ -1,10 +1,12 @@
-"""The opt-in CPU setting TERDIT_CPU_EIGEN=1 (terdit_jax/xla_flags.py: XLA's Eigen dots instead of YNNPACK)
-against XLA's own settings, on the programs the project runs. The setting is process-wide (XLA reads XLA_FLAGS
-when its CPU client starts, and per-program compile options do not reproduce everything it changes), so each
-variant runs in its own worker processes: one per variant and round, alternating (the order rotated every
-round). A worker builds every workload from the same seeds, compiles it, makes one untimed call whose output the
-parent compares across variants, then times --calls calls. The JSON gives the medians over all rounds and
-ratio = eigen / XLA's own (< 1: the setting is faster).
+"""terdit_jax's CPU settings (terdit_jax/xla_flags.py) against each other on the programs the project runs:
+  default  what importing terdit_jax sets: YNNPACK dots and reductions, XLA's Eigen convolutions
+  eigen    TERDIT_CPU_EIGEN=1: no YNNPACK, Eigen dots and convolutions
+  xla_own  XLA's own fusion types (YNNPACK convolutions too), named in XLA_FLAGS so terdit_jax leaves them
+The settings are process-wide (XLA reads XLA_FLAGS when its CPU client starts, and per-program compile options do
+not reproduce everything they change), so each variant runs in its own worker processes: one per variant and
+round, alternating (the order rotated every round). A worker builds every workload from the same seeds, compiles
+it, makes one untimed call whose output the parent compares with the default's, then times --calls calls. The
+JSON gives the medians over all rounds and ratio = default / variant (< 1: the default is faster).
 
     python benchmarks/cpu_eigen.py            # DiT-S/2 forward, DiT-B/2 training step, SD-VAE decode
     python benchmarks/cpu_eigen.py --quick    # tiny shapes (seconds; the test suite runs it)
@@ -32,8 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vs_diffusers as vd  # noqa: E402
 
-TOL = 1e-4  # max |eigen − XLA's own| / max |XLA's own|: the same computation, summed in another order
-VARIANTS = {"eigen": {"TERDIT_CPU_EIGEN": "1"}, "xla_own": {}}
+TOL = 1e-4  # max |variant − default| / max |default|: the same computation, summed in another order
+XLA_OWN = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce,individual_convolution"
+VARIANTS = {"default": {}, "eigen": {"TERDIT_CPU_EIGEN": "1"}, "xla_own": {"XLA_FLAGS": XLA_OWN}}
 
 
 OURS = types.SimpleNamespace(dev=None, perturb=0.0, side="ours")  # vs_diffusers' rows for ours alone
@@ -83,7 +86,7 @@ CALLS = {"dit_forward": 3, "train_step": 2, "vae_decode": 1}  # timed calls per 
 
 def worker(names: list[str], quick: bool, calls: dict, tmp: str, tag: str) -> None:
     """One variant of the workloads, in this process: saves each first call's output to tmp, prints JSON."""
-    import jax  # (vs_diffusers imported terdit_jax first: with TERDIT_CPU_EIGEN=1 the flags are set)
+    import jax  # (vs_diffusers imported terdit_jax first: its CPU flags are set)
     result = {"xla_flags": os.environ.get("XLA_FLAGS", "")}
     for name in names:
         run, compiled = WORKLOADS[name](vd.PRESETS["quick" if quick else "default"])
@@ -97,23 +100,23 @@ def worker(names: list[str], quick: bool, calls: dict, tmp: str, tag: str) -> No
     print(json.dumps(result))
 
 
-def worker_env() -> dict:
-    """This environment without the setting's flags: each worker starts from XLA's own settings, and the eigen
-    worker's import of terdit_jax adds them."""
+def worker_env(variant: dict) -> dict:
+    """This environment without the CPU settings' flags, then `variant`'s: each worker starts from what importing
+    terdit_jax sets, and a variant's XLA_FLAGS are added to the user's other flags."""
     from terdit_jax import xla_flags
     env = {k: x for k, x in os.environ.items() if k != "TERDIT_CPU_EIGEN"}
     kept = [f for f in env.get("XLA_FLAGS", "").split() if f.split("=")[0].lstrip("-") not in xla_flags.CPU_EIGEN]
-    return {**env, "XLA_FLAGS": " ".join(kept)}
+    return {**env, **variant, "XLA_FLAGS": " ".join(kept + variant.get("XLA_FLAGS", "").split())}
 
 
 def measure(names: list[str], quick: bool, rounds: int, calls: dict, tmp: str) -> dict:
     """Alternating worker processes, one per variant and round, each running every workload."""
-    runs = {v: [] for v in VARIANTS}
+    runs, order = {v: [] for v in VARIANTS}, list(VARIANTS)
     for r in range(rounds):
-        for v in list(VARIANTS)[r % 2:] + list(VARIANTS)[:r % 2]:
+        for v in order[r % len(order):] + order[:r % len(order)]:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", ",".join(names), "--worker_calls",
                    json.dumps(calls), "--tmp", tmp, "--tag", f"{v}_{r}", *(["--quick"] if quick else [])]
-            done = subprocess.run(cmd, env={**worker_env(), **VARIANTS[v]}, capture_output=True, text=True)
+            done = subprocess.run(cmd, env=worker_env(VARIANTS[v]), capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"error: the {v} worker failed:\n{done.stderr[-2000:]}")
             runs[v].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -124,8 +127,9 @@ def measure(names: list[str], quick: bool, rounds: int, calls: dict, tmp: str) -
                      "xla_flags": ws[0]["xla_flags"]} for v, ws in runs.items()}
         for t in times.values():
             t["median_s"] = statistics.median(t["times_s"])
-        report[name] = {"max_rel_diff": vd.agree(name, outs["eigen"], outs["xla_own"], TOL), "times": times,
-                        "ratio": vd.ratios(times, "eigen")}
+        report[name] = {"max_rel_diff": {v: vd.agree(f"{name} ({v})", outs[v], outs["default"], TOL)
+                                         for v in VARIANTS if v != "default"},
+                        "times": times, "ratio": vd.ratios(times, "default")}
     return report
 
 
@@ -156,13 +160,17 @@ def main(argv=None) -> int:
               "(set JAX_PLATFORMS=cpu)", file=sys.stderr)
         return 2
     from terdit_jax import xla_flags
+    if not xla_flags._jaxlib_checked():  # XLA aborts on a fusion type it does not know
+        print(f"error: the CPU settings were checked on jaxlib {xla_flags.JAXLIB} only", file=sys.stderr)
+        return 2
     report = {"benchmark": "cpu_eigen", "preset": "quick" if a.quick else "default",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "jax": jax.__version__,
               "cpu_count": len(os.sched_getaffinity(0)), "load_avg_1m_at_start": os.getloadavg()[0],
-              "flags": xla_flags.CPU_EIGEN, "tolerance": TOL, "workloads": {}}
+              "flags": {"default": xla_flags.CPU_NO_YNN_CONV, "eigen": xla_flags.CPU_EIGEN, "xla_own": XLA_OWN},
+              "tolerance": TOL, "workloads": {}}
     calls = {n: a.calls or (1 if a.quick else CALLS[n]) for n in names}
-    print(f"[cpu_eigen] {', '.join(names)}: {a.rounds} round(s) of two worker processes ...", file=sys.stderr,
-          flush=True)
+    print(f"[cpu_eigen] {', '.join(names)}: {a.rounds} round(s) of {len(VARIANTS)} worker processes ...",
+          file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         report["workloads"] = measure(names, a.quick, a.rounds, calls, tmp)
     report["load_avg_1m_at_end"] = os.getloadavg()[0]

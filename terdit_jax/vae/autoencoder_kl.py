@@ -13,6 +13,7 @@ Latents for a diffusion model are ``sample_latent(vae.encode(x), key) * config.s
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 _EPS = 1e-6  # every GroupNorm in the diffusers VAE uses eps 1e-6
+DECODE_SLICE = 1  # latents decoded at a time by default (benchmarks/vs_diffusers.py's vae row: time and peak memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,13 +259,25 @@ class AutoencoderKL(nnx.Module):
             m = self.quant_conv(m)
         return m.astype(jnp.float32)
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """z (N,h,w,latent), unscaled -> image (N,h*f,w*f,3) float32, nominally in [-1,1] (not clipped)."""
+    def decode(self, z: jax.Array, slice_size: int | None = DECODE_SLICE) -> jax.Array:
+        """z (N,h,w,latent), unscaled -> image (N,h*f,w*f,3) float32, nominally in [-1,1] (not clipped).
+
+        Decodes `slice_size` latents at a time (a `lax.map` over the batch; every latent on its own, GroupNorm is
+        per image, so the output is the batch's): the activations live at once are a slice's, not the batch's
+        (0.27 GB per image and 128 channels at 256 px; 4× that at 512 px). None or ≥ N: the whole batch at once."""
         self._check(z, self.config.latent_channels, "latent")
-        z = z.astype(self.dtype)
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z).astype(jnp.float32)
+        n = z.shape[0]
+        s = math.gcd(n, slice_size) if slice_size else n
+
+        def run(z):
+            z = z.astype(self.dtype)
+            if self.post_quant_conv is not None:
+                z = self.post_quant_conv(z)
+            return self.decoder(z).astype(jnp.float32)
+        if s >= n:
+            return run(z)
+        out = jax.lax.map(run, z.reshape(n // s, s, *z.shape[1:]))
+        return out.reshape(n, *out.shape[2:])
 
 
 def sample_latent(moments: jax.Array, key: jax.Array) -> jax.Array:
