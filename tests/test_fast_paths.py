@@ -76,60 +76,10 @@ def test_head_major_attention_scales_q_not_the_scores():
     assert (2, 3, 6, 6) not in muls and (2, 3, 6, 4) in muls, muls
 
 
-def _residual_shapes(fn, *args) -> list[tuple]:
-    """Shapes of what reverse mode keeps from fn's forward pass for its backward (jax's own account)."""
-    from jax._src.ad_checkpoint import saved_residuals
-    return [tuple(aval.shape) for aval, _ in saved_residuals(fn, *args)]
-
-
-def test_training_attention_keeps_q_k_v_not_the_scores_and_its_gradient_is_unchanged():
-    """On the CPU, attention without sites recomputes the (B, H, Tq, Tk) scores in the backward pass (as flash
-    attention does) and keeps only its inputs; the gradient equals the one that keeps them."""
-    from terdit_jax.models import layers
-    r = np.random.default_rng(2)
-    q, k, v = (jnp.asarray(r.standard_normal((2, 6, 3, 4), np.float32)) for _ in range(3))
-    kept = _residual_shapes(lambda q, k, v: head_major_attention(q, k, v, 0.5), q, k, v)
-    assert (2, 3, 6, 6) in kept  # the plain function keeps its exponentials
-    shapes = _residual_shapes(lambda q, k, v: layers.attention(q, k, v, None, None, scale=0.5), q, k, v)
-    assert (2, 3, 6, 6) not in shapes and shapes, shapes
-    g = jnp.asarray(r.standard_normal(q.shape, np.float32))
-    grads = [jax.grad(lambda *a: jnp.sum(f(*a) * g), (0, 1, 2))(q, k, v)
-             for f in (lambda q, k, v: layers.attention(q, k, v, None, None, scale=0.5),
-                       lambda q, k, v: head_major_attention(q, k, v, 0.5))]
-    for a, b in zip(*grads):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-
-
-def test_dit_mlp_keeps_one_hidden_activation_for_the_backward_pass():
-    """The DiT MLP without a hidden site keeps fc1's output h (B, T, 4D) and recomputes GELU(h) for fc2's weight
-    gradient; its gradients equal timm's Mlp written out in NumPy-checked jnp (fc2(gelu(fc1 x)))."""
-    from terdit_jax.config import finalize
-    from terdit_jax.configs import dit_xl2_256
-    from terdit_jax.models.dit_xl import Mlp
-    c = dit_xl2_256.get_config()
-    c.model.update(name="custom", dim=8, n_layers=1, n_heads=2, patch_size=2, num_classes=4, dtype="float32")
-    c.data.image_size = 16
-    mlp = Mlp(finalize(c).model, path="blocks.0.mlp", dtype=jnp.float32, rngs=nnx.Rngs(0))
-    assert mlp.hidden_site is None
-    graphdef, params = nnx.split(mlp)
-    x = jax.random.normal(jax.random.key(3), (2, 5, 8))
-    hidden = [s for s in _residual_shapes(lambda p, x: nnx.merge(graphdef, p)(x), params, x) if s in ((2, 5, 32), (10, 32))]
-    assert len(hidden) == 1, hidden  # h alone (GELU(h) kept too made it two)
-
-    def plain(p, x):
-        w1, b1, w2, b2 = (p[n][m][...] for n in ("fc1", "fc2") for m in ("kernel", "bias"))
-        return jax.nn.gelu(x @ w1 + b1, approximate=True) @ w2 + b2
-    g = jax.random.normal(jax.random.key(4), (2, 5, 8))
-    ours, ref = (jax.grad(lambda p, x: jnp.sum(f(p, x) * g), (0, 1))(params, x)
-                 for f in (lambda p, x: nnx.merge(graphdef, p)(x), plain))
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
 def test_attention_without_sites_runs_head_major_on_the_cpu(monkeypatch):
     from terdit_jax.models import layers
     calls = []
-    monkeypatch.setattr(layers, "_head_major_attention_remat", lambda *a: calls.append(a) or a[0])
+    monkeypatch.setattr(layers, "head_major_attention", lambda *a: calls.append(a) or a[0])
     q = jnp.ones((1, 4, 2, 8))
     layers.attention(q, q, q, None, None)
     assert jax.default_backend() == "cpu" and len(calls) == 1 and calls[0][3] == pytest.approx(8 ** -0.5)

@@ -145,10 +145,8 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
         """x (B, T, D) → (B, T, D)."""
-        h = self.fc1(x, t)
-        if self.hidden_site is None:  # the backward pass recomputes GELU(h) for fc2 instead of keeping it (B, T, 4D)
-            return nnx.remat(lambda fc2, h: fc2(jax.nn.gelu(h, approximate=True), t))(self.fc2, h)
-        return self.fc2(quantize(self.hidden_site, jax.nn.gelu(h, approximate=True), t), t)
+        hidden = quantize(self.hidden_site, jax.nn.gelu(self.fc1(x, t), approximate=True), t)
+        return self.fc2(hidden, t)
 
 
 class DiTBlock(nnx.Module):

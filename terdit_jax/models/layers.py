@@ -111,12 +111,6 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     return jnp.swapaxes(out / e.sum(-1, keepdims=True), 1, 2).astype(v.dtype)
 
 
-# Training keeps q, k, v and recomputes the (B, H, Tq, Tk) scores and exponentials in the backward pass, as flash
-# attention does (torch's CPU scaled_dot_product_attention keeps only their row statistics): 25 MB a DiT-B/2 layer
-# at batch 8, for one more q·kᵀ and e·v product (under 2% of a DiT step's FLOPs). Inference is unchanged.
-_head_major_attention_remat = jax.checkpoint(head_major_attention, static_argnums=(3,))
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, probs_site, t: jax.Array | None,
               scores_site=None, scale: float | None = None, mask: jax.Array | None = None) -> jax.Array:
     """softmax(q·kᵀ·scale)·v for q (B, Tq, H, hd), k, v (B, Tk, H, hd) → (B, Tq, H, hd); scale 1/sqrt(hd) unless
@@ -126,7 +120,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, probs_site, t: jax.Array
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if probs_site is None and scores_site is None:
         if jax.default_backend() == "cpu":
-            return _head_major_attention_remat(q, k, v, scale, mask)
+            return head_major_attention(q, k, v, scale, mask)
         return jax.nn.dot_product_attention(q, k, v, scale=scale,
                                             mask=None if mask is None else mask[:, None, None, :] > 0)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
