@@ -14,8 +14,8 @@ CPU_NO_YNN_CONV, the default on the jaxlib releases it was checked on: XLA's CPU
 dots, reductions and convolutions to YNNPACK (its default fusion types are exactly
 "individual_dot,reduce,individual_convolution": the compiled programs are the same). This keeps the dots and
 reductions there and sends convolutions to XLA's Eigen convolution: on the 2-core AMD EPYC VM the SD-VAE decode
-took 0.85x the time (7.0 s against 8.25 s for 2 latents) and its peak resident memory fell by 0.6 GB (YNNPACK's
-convolution scratch); programs without convolutions (every DiT) compile to the same HLO as before.
+of 8 latents took 0.91x the time (`benchmarks/cpu_eigen.py`, 2026-12-04) and its peak resident memory fell by
+0.5 GB (`benchmarks/vs_diffusers.py --memory`); programs without convolutions (every DiT) compile to the same HLO.
 
 CPU_EIGEN, with TERDIT_CPU_EIGEN=1: no YNNPACK at all; dots and reductions go to XLA's own (Eigen) emitters too.
 It ran the float32 programs faster on the 2-core Xeon (AVX-512) VM (`benchmarks/cpu_eigen.py` runs the settings

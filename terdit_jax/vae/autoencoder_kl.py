@@ -264,7 +264,7 @@ class AutoencoderKL(nnx.Module):
 
         Decodes `slice_size` latents at a time (a `lax.map` over the batch; every latent on its own, GroupNorm is
         per image, so the output is the batch's): the activations live at once are a slice's, not the batch's
-        (XLA's temporaries for 8 latents at 256 px: 0.27 GB one at a time, 1.89 GB at once, in the same time).
+        (XLA's temporaries for 8 latents at 256 px: 0.27 GB one at a time, 1.89 GB at once; README, VAE).
         None or ≥ N: the whole batch at once."""
         self._check(z, self.config.latent_channels, "latent")
         n = z.shape[0]
