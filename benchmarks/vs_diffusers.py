@@ -138,6 +138,24 @@ def reset_peak_rss() -> int:
     return rss_bytes()
 
 
+def weights_in_place(*trees) -> None:
+    """--side: the row's peak starts once its weights are built. Building has transients a checkpoint loader would
+    not (the shared random draw, the layout conversions), so wait for JAX's asynchronous host copies (their NumPy
+    sources live until they finish), collect the garbage, hand the allocator's free pages back to the kernel
+    (glibc keeps freed heap resident: `malloc_trim`), and only then reset the high-water mark. Both sides alike."""
+    import ctypes
+    import gc
+
+    import jax
+    jax.block_until_ready(trees)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        pass
+    reset_peak_rss()
+
+
 def high_water_bytes() -> int:
     """VmHWM: the largest resident set since the process started or `reset_peak_rss` (kernel-kept, every page)."""
     with open("/proc/self/status") as f:
@@ -276,7 +294,7 @@ def build_dit(preset: str, p: Preset, a, seed: int = 0):
     params = None if a.side == "theirs" else convert_state(sd, m)
     del sd
     if a.side:
-        reset_peak_rss()  # --side: a checkpoint's loader has its own transients; the row's peak starts here
+        weights_in_place(params)
     return config, abstract_model(m)[0], params, theirs
 
 
@@ -555,7 +573,7 @@ def row_vae(p: Preset, a) -> dict:
     else:  # random weights of ours alone: the times do not depend on the values
         ours_model = AutoencoderKL(cfg, rngs=nnx.Rngs(7))
     if a.side:
-        reset_peak_rss()  # as in build_dit
+        weights_in_place(None if ours_model is None else nnx.state(ours_model))
     z = np.random.default_rng(8).standard_normal((p.batch, p.latent, p.latent, 4), dtype=np.float32)
     ours, info, err, variants = None, {}, {}, {}
     if ours_model is not None:
@@ -589,21 +607,25 @@ def row_gemm(p: Preset, a) -> dict:
     m = dit_config(p.train_dit, p.latent, p.classes).model
     tokens, d, f = p.batch * (p.latent // m.patch_size) ** 2, m.dim, dit_xl.mlp_hidden_dim(m)
     rng = np.random.default_rng(9)
-    x, w, g = (rng.standard_normal(s, dtype=np.float32) for s in ((tokens, d), (d, f), (tokens, f)))
-    products = {"forward": (((1,), (0,)), x, w), "grad_input": (((1,), (1,)), g, w),
-                "grad_weight": (((0,), (0,)), x, g)}
+    host = {k: rng.standard_normal(s, dtype=np.float32) for k, s in (("x", (tokens, d)), ("w", (d, f)),
+                                                                      ("g", (tokens, f)))}
+    products = {"forward": (((1,), (0,)), "x", "w"), "grad_input": (((1,), (1,)), "g", "w"),
+                "grad_weight": (((0,), (0,)), "x", "g")}
     ours, variants, err = [], {}, {}
-    for contract, lhs, rhs in products.values() if a.side != "theirs" else ():
-        args = (jnp.asarray(lhs), jnp.asarray(rhs))
-        fn = jax.jit(lambda l, r, c=contract: jax.lax.dot_general(l, r, (c, ((), ()))))
-        ours.append((fn.lower(*args).compile(), args))
+    if a.side != "theirs":  # one copy of each operand a side (torch shares NumPy's): alone, ours drops NumPy's
+        dev = {k: jnp.asarray(v) for k, v in host.items()}
+        host = None if a.side == "ours" else host
+        for contract, lhs, rhs in products.values():
+            args = (dev[lhs], dev[rhs])
+            fn = jax.jit(lambda l, r, c=contract: jax.lax.dot_general(l, r, (c, ((), ()))))
+            ours.append((fn.lower(*args).compile(), args))
     run_ours = lambda: [jax.block_until_ready(c(*args)) for c, args in ours]  # noqa: E731
     if ours:
         variants["ours"] = run_ours
     if a.dev:
         pairs = []
         for contract, lhs, rhs in products.values():
-            tl, tr = to_torch(a, lhs), to_torch(a, rhs)
+            tl, tr = to_torch(a, host[lhs]), to_torch(a, host[rhs])
             pairs.append((tl.T if contract[0] == (0,) else tl, tr.T if contract[1] == (1,) else tr))
         run_theirs = torch_run(a, lambda: [tl @ tr for tl, tr in pairs])
         err = {n: agree(f"gemm {n}", np.asarray(o), t.cpu().numpy())
