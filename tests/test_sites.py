@@ -73,9 +73,11 @@ def test_no_rules_is_the_model_before_sites_with_the_same_program(variant):
     forward reproduces them bit for bit. XLA:CPU generates code for the host's vector units, so another CPU (an
     Intel Xeon: 2e-5 of |out| ≤ 33) changes the last bits: the values are compared to float32 round-off, the
     program exactly (the same primitives and the same number of compiled HLO instructions). The program part was
-    rewritten twice, by intended changes of the forward (2-D token matmuls in every linear, head-major attention
-    on the CPU: 28 more reshapes, 2 fewer max, 20 fewer HLO instructions; the attention scale applied to q, not to
-    the scores: 5 fewer HLO instructions); the values are still the original's."""
+    rewritten three times, by intended changes of the forward (2-D token matmuls in every linear, head-major
+    attention on the CPU: 28 more reshapes, 2 fewer max, 20 fewer HLO instructions; the attention scale applied to
+    q, not to the scores: 5 fewer HLO instructions; the final norm's statistics as matrix-vector products on the
+    CPU, a platform-dependent branch: 2 more dots, 33 fewer HLO instructions); the values are still the
+    original's."""
     apply, params = init_model(tiny_model_config(**VARIANTS[variant]), 0)
     params = randomised(params, 1)
     fn = lambda p, x, t, y: apply(p, x, t, y)  # noqa: E731

@@ -59,7 +59,7 @@ class FinalLayer(nnx.Module):
 
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         lin = dict(model_cfg=cfg, rngs=rngs, use_bias=True, kernel_init=zeros_init, dtype=dtype)
-        self.norm_final = LayerNorm(cfg.dim, eps=1e-6, affine=False)
+        self.norm_final = LayerNorm(cfg.dim, eps=1e-6, affine=False, final=True)
         self.adaLN_modulation = make_linear("final_layer.adaLN_modulation", cfg.cond_dim, 2 * cfg.dim,
                                             axes=("cond", "embed"), **lin)
         self.linear = make_linear("final_layer.linear", cfg.dim, cfg.patch_size ** 2 * cfg.out_channels,

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from terdit_jax.models.backbone import Context, DiffusionTransformer, FinalLayer, modulate, patchify
-from terdit_jax.models.layers import (LabelEmbedder, LayerNorm, TimestepEmbedder, attention_sites, sincos_pos_embed_2d,
-                                      site_attention)
+from terdit_jax.models.layers import (LabelEmbedder, LayerNorm, TimestepEmbedder, attention_sites, gelu_tanh,
+                                      sincos_pos_embed_2d, site_attention)
 from terdit_jax.models.linears import make_linear
 from terdit_jax.models.ternary import xavier_uniform, zeros_init
 from terdit_jax.quant.sites import make_site, quantize
@@ -145,7 +145,7 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array, t: jax.Array | None = None) -> jax.Array:
         """x (B, T, D) → (B, T, D)."""
-        hidden = quantize(self.hidden_site, jax.nn.gelu(self.fc1(x, t), approximate=True), t)
+        hidden = quantize(self.hidden_site, gelu_tanh(self.fc1(x, t)), t)
         return self.fc2(hidden, t)
 
 

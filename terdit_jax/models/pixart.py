@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from terdit_jax.models.backbone import Context, DiffusionTransformer, modulate, patchify
-from terdit_jax.models.layers import LayerNorm, RMSNorm, attention_sites, site_attention, timestep_features
+from terdit_jax.models.layers import (LayerNorm, RMSNorm, attention_sites, gelu_tanh, site_attention,
+                                      timestep_features)
 from terdit_jax.models.linears import layer_kind, make_linear
 from terdit_jax.models.ternary import normal_init, xavier_uniform, zeros_init
 from terdit_jax.quant.sites import make_site, quantize, sites_of
@@ -147,7 +148,7 @@ class PixArtBlock(nnx.Module):
         if cap.kv is not None and isinstance(cap.kv[0], tuple):
             raise ValueError("a prepared caption reaches block i through model.block_context(ctx, i)")
         x = x + self.attn2(x, ctx.t, cap.tokens, cap.mask, kv=cap.kv)
-        hidden = jax.nn.gelu(self.ff_net_0_proj(modulate(self.norm2(x), sh_m, sc_m), ctx.t), approximate=True)
+        hidden = gelu_tanh(self.ff_net_0_proj(modulate(self.norm2(x), sh_m, sc_m), ctx.t))
         return x + g_m[:, None] * self.ff_net_2(quantize(self.hidden_site, hidden, ctx.t), ctx.t)
 
 
@@ -155,7 +156,7 @@ class FinalLayer(nnx.Module):
     """norm_out (LayerNorm, no affine) modulated by scale_shift_table (2, D) + embedded_t, then proj_out."""
 
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
-        self.norm_out = LayerNorm(cfg.dim, eps=NORM_EPS, affine=False)
+        self.norm_out = LayerNorm(cfg.dim, eps=NORM_EPS, affine=False, final=True)
         self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (2, cfg.dim)) / cfg.dim ** 0.5,
                                            logical_axes=(None, "embed"))
         self.proj_out = _lin(cfg, "proj_out", cfg.dim, cfg.patch_size ** 2 * cfg.out_channels, ("embed", None),
