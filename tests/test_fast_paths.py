@@ -256,3 +256,42 @@ def test_importing_the_package_first_with_cpu_eigen_compiles_dots_without_ynnpac
     counts = [subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
                              timeout=120, check=True).stdout.split()[-1] for extra in ({"TERDIT_CPU_EIGEN": "1"}, {})]
     assert counts[0] == "0" and int(counts[1]) > 0  # the second: XLA's own settings do use YNNPACK here
+
+
+_ARENAS = """
+import ctypes, os, re, sys, tempfile, threading
+if sys.argv[1] == "1":
+    import terdit_jax
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = libc.malloc.restype = ctypes.c_void_p
+n = 2 * len(os.sched_getaffinity(0)) + 2
+barrier = threading.Barrier(n)
+def hold():  # n threads holding an allocation at once: glibc gives each its own arena while it may
+    p = libc.malloc(1 << 16)
+    barrier.wait()
+    libc.free(ctypes.c_void_p(p))
+threads = [threading.Thread(target=hold) for _ in range(n)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+path = tempfile.mktemp()
+fp = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(fp))
+libc.fclose(ctypes.c_void_p(fp))
+print(len(re.findall("<heap nr=", open(path).read())), len(os.sched_getaffinity(0)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
+def test_importing_the_package_limits_malloc_arenas_to_the_cores_and_the_users_setting_wins():
+    """glibc's default is up to 8 arenas a core (each keeps its freed heap resident); importing terdit_jax sets one
+    a core (host_memory.py); MALLOC_ARENA_MAX in the environment is left to glibc."""
+    def arenas(imported, **env):
+        out = subprocess.run([sys.executable, "-c", _ARENAS, str(int(imported))], capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True).stdout.split()
+        return int(out[0]), int(out[1])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MALLOC_ARENA_MAX", raising=False)
+        bare, cores = arenas(False)
+        ours, _ = arenas(True)
+        given, _ = arenas(True, MALLOC_ARENA_MAX="3")
+    assert ours <= cores < bare and given == 3, (bare, ours, given, cores)
