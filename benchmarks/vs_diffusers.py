@@ -615,10 +615,12 @@ def row_gemm(p: Preset, a) -> dict:
     if a.side != "theirs":  # one copy of each operand a side (torch shares NumPy's): alone, ours drops NumPy's
         dev = {k: jnp.asarray(v) for k, v in host.items()}
         host = None if a.side == "ours" else host
-        for contract, lhs, rhs in products.values():
-            args = (dev[lhs], dev[rhs])
-            fn = jax.jit(lambda l, r, c=contract: jax.lax.dot_general(l, r, (c, ((), ()))))
-            ours.append((fn.lower(*args).compile(), args))
+    if a.side:  # the operands are this row's weights (and NumPy's copies a transient of building them)
+        weights_in_place(dev if host is None else host)
+    for contract, lhs, rhs in products.values() if a.side != "theirs" else ():
+        args = (dev[lhs], dev[rhs])
+        fn = jax.jit(lambda l, r, c=contract: jax.lax.dot_general(l, r, (c, ((), ()))))
+        ours.append((fn.lower(*args).compile(), args))
     run_ours = lambda: [jax.block_until_ready(c(*args)) for c, args in ours]  # noqa: E731
     if ours:
         variants["ours"] = run_ours
@@ -672,19 +674,24 @@ SIDES = ("ours", "theirs")
 
 
 def preimport(a) -> None:
-    """Import what the rows of `a.side` import and start its runtime, so the memory baseline taken after it holds
-    the libraries and only the row's weights, programs and buffers count."""
+    """Import what the rows of `a.side` import and start its runtime (one small elementwise op and one matmul on
+    each side; ours compiles them: XLA's first compile and first dot set up ~20 MB once a process, its LLVM target
+    and its YNNPACK runtime: 17 and 5 MB in a one-off check on the EPYC), so the memory baseline taken after it
+    holds the libraries and only the row's weights, programs and buffers count."""
     import jax.numpy as jnp
     import optax  # noqa: F401
     from flax import nnx  # noqa: F401
     from terdit_jax.convert import dit_official  # noqa: F401
     from terdit_jax.diffusion import gaussian, samplers  # noqa: F401
     from terdit_jax.vae import autoencoder_kl, convert  # noqa: F401
-    jnp.zeros(1).block_until_ready()
+    if a.side == "ours":
+        import jax
+        jax.jit(lambda x: x @ x + 1)(jnp.ones((64, 64))).block_until_ready()
     if a.side == "theirs":  # main has refused --side theirs without torch
         import torch
         from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel  # noqa: F401
-        (torch.zeros(1, device=a.dev) + 1).cpu()
+        x = torch.ones(64, 64, device=a.dev)
+        (x @ x + 1).cpu()
 
 
 def memory_child(a, row: str) -> dict:
