@@ -35,9 +35,11 @@ compiled memory (arguments + temporaries + outputs − aliased, from the AOT com
 within one process favours torch, whose freed buffers stay in the allocator from the untimed call while XLA's
 large temporaries go back to the kernel after each; --memory therefore also runs every row once more per side,
 alone in a fresh process (--side), and reports the kernel's resident high-water mark from the moment the weights
-are in place (building them from the shared random draw has transients a checkpoint loader would not) over
-compiling, the checking call and one timed call, less the process's resident set after importing its libraries
-(`memory_child`): the memory a user of that side needs for the row, weights included.
+are in place (building them from the shared random draw has transients a checkpoint loader would not: they are
+finished, collected and the freed heap handed back first, `weights_in_place`) over compiling, the checking call
+and one timed call, less the process's resident set after importing its libraries and running one small matmul
+(`preimport`, `memory_child`): the memory a user of that side needs for the row, weights included. Both sides
+run with terdit_jax's allocator setting (one malloc arena per core: the script imports terdit_jax first).
 
 Prints one JSON object. Needs the test extra (torch, diffusers); the package itself never imports torch.
 """
