@@ -102,20 +102,25 @@ def test_final_layer_norm_equals_torch_layer_norm_and_its_gradient():
     assert "reduce(" not in jax.jit(ln).lower(x32).compile().as_text()  # the CPU branch: no reduction left
 
 
-def test_final_norm_keeps_the_last_block_out_of_one_fusion_of_materialised_constants():
-    """On the CPU XLA's YNNPACK fusion grew from the final norm's reduction back through the whole last block and
-    took GELU's four scalar constants as (B, T, 4D) arrays: a 2-block DiT-S/2-wide model at batch 16 compiled to
-    158 MB of temporaries. With the matrix-vector statistics they stay under 3 (B, T, 4D) hidden arrays (57 MB)."""
+def _dit_xl(dim: int, heads: int, latent: int, batch: int):
+    """A 2-block model of the DiT-XL/2 family of width `dim` on latent×latent×4 inputs → (graphdef, state, inputs)."""
     from terdit_jax.config import finalize
     from terdit_jax.configs import dit_xl2_256
     from terdit_jax.models.families import build
     c = dit_xl2_256.get_config()
-    c.model.update(name="custom", dim=384, n_layers=2, n_heads=6, patch_size=2, num_classes=10)
-    c.data.image_size = 256
+    c.model.update(name="custom", dim=dim, n_layers=2, n_heads=heads, patch_size=2, num_classes=10)
+    c.data.image_size = 8 * latent
     graphdef, state = nnx.split(build(finalize(c).model, nnx.Rngs(0)))
+    return graphdef, state, (jnp.ones((batch, latent, latent, 4)), jnp.arange(batch), jnp.arange(batch) % 10)
+
+
+def test_final_norm_keeps_the_last_block_out_of_one_fusion_of_materialised_constants():
+    """On the CPU XLA's YNNPACK fusion grew from the final norm's reduction back through the whole last block and
+    took GELU's four scalar constants as (B, T, 4D) arrays: a 2-block DiT-S/2-wide model at batch 16 compiled to
+    158 MB of temporaries. With the matrix-vector statistics they stay under 3 (B, T, 4D) hidden arrays (57 MB)."""
     b = 16
-    args = (state, jnp.zeros((b, 32, 32, 4)), jnp.arange(b), jnp.arange(b) % 10)
-    compiled = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y)).lower(*args).compile()
+    graphdef, state, inputs = _dit_xl(384, 6, 32, b)
+    compiled = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y)).lower(state, *inputs).compile()
     hidden = b * 256 * 4 * 384 * 4  # (B, T, 4D) float32 bytes
     assert compiled.memory_analysis().temp_size_in_bytes < 3 * hidden
 
@@ -140,20 +145,13 @@ def test_gelu_backward_keeps_one_hidden_array_less_per_block(monkeypatch):
     """Autodiff of the GELU formula keeps x and tanh's product for the backward; gelu_tanh's backward keeps x
     alone and recomputes with σ (a backward written with tanh got the forward's merged back by XLA's CSE and
     saved nothing: the same bytes). A 2-block DiT's gradient: at least one (B, T, 4D) array less per block."""
-    from terdit_jax.config import finalize
-    from terdit_jax.configs import dit_xl2_256
     from terdit_jax.models import dit_xl
-    from terdit_jax.models.families import build
-    c = dit_xl2_256.get_config()
-    c.model.update(name="custom", dim=128, n_layers=2, n_heads=4, patch_size=2, num_classes=10)
-    c.data.image_size = 128
-    graphdef, state = nnx.split(build(finalize(c).model, nnx.Rngs(0)))
     b = 8
-    args = (state, jnp.ones((b, 16, 16, 4)), jnp.arange(b), jnp.arange(b) % 10)
+    graphdef, state, inputs = _dit_xl(128, 4, 16, b)
 
     def temps():
         loss = lambda s, x, t, y: jnp.sum(jnp.square(nnx.merge(graphdef, s)(x, t, y)))  # noqa: E731
-        return jax.jit(jax.grad(loss)).lower(*args).compile().memory_analysis().temp_size_in_bytes
+        return jax.jit(jax.grad(loss)).lower(state, *inputs).compile().memory_analysis().temp_size_in_bytes
     ours = temps()
     monkeypatch.setattr(dit_xl, "gelu_tanh", lambda x: jax.nn.gelu(x, approximate=True))
     hidden = b * 64 * 4 * 128 * 4  # (B, T, 4D) float32 bytes
