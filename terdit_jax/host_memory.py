@@ -4,7 +4,7 @@ glibc gives every thread that allocates its own malloc arena, up to eight per co
 arena resident for reuse by that arena. XLA compiles on a pool of threads, so a compile leaves its freed heap spread
 over many arenas, and the program's buffers then come on top of it: on the 2-core AMD EPYC VM the DiT-S/2 DDIM row
 of `benchmarks/vs_diffusers.py --memory` peaked 0.44 GB above its imports with glibc's default (two runs), 0.38 to
-0.43 GB with one arena per core (2026-12-04, `--side ours --rows ddim` and `--memory`, ten runs: heap fragmentation
+0.43 GB with one arena per core (2026-12-04, `--side ours --rows ddim` and `--memory`, 14 runs: heap fragmentation
 moves it), its time the same. So at most as many arenas as this process may use cores. MALLOC_ARENA_MAX in the
 environment (glibc's own setting) wins; with another C library nothing is done.
 """
