@@ -12,9 +12,10 @@ environment (glibc's own setting) wins; with another C library nothing is done.
 Fewer arenas still keep the compile's freed heap resident under the program's buffers, so after every XLA compile
 that took at least TRIM_AFTER_COMPILE_S the heap's free pages are handed back (glibc's `malloc_trim`, through a
 `jax.monitoring` listener on JAX's backend-compile event, which fires when the compile is done and before the
-program first runs). On the EPYC, the DiT-S/2 DDIM row: the step's compile leaves ~0.10 GB resident that the trim
-(8 ms) returns, the row's peak 0.42 → 0.35 GB (a resident-set trace of `--side ours --rows ddim`). Short compiles
-(eager ops) leave little and are skipped: the trim walks the whole heap.
+program first runs). On the EPYC the DiT-S/2 DDIM row's step compile left ~0.1 GB resident that the trim (8 ms)
+returned (a resident-set trace of `--side ours --rows ddim`), and the row's peak fell to 0.30-0.34 GB (six runs,
+2026-12-04; diffusers' 0.375-0.38). jax 0.11's compiles leave less behind (a 100-block chain: 15 MB against
+jax 0.10's 150 MB). Short compiles (eager ops) leave little and are skipped: the trim walks the whole heap.
 """
 from __future__ import annotations
 
@@ -29,26 +30,27 @@ TRIM_AFTER_COMPILE_S = 0.1
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")
-    except OSError:
+    except OSError:  # not glibc
         return None
+
+
+LIBC = _libc()
 
 
 def trim_after_compile(event: str, duration_secs: float, **_) -> None:
     """jax.monitoring duration listener: malloc_trim(0) after a backend compile of ≥ TRIM_AFTER_COMPILE_S."""
     if event == BACKEND_COMPILE_EVENT and duration_secs >= TRIM_AFTER_COMPILE_S:
-        _libc().malloc_trim(0)
+        LIBC.malloc_trim(0)
 
 
 def apply(environ=os.environ) -> int | None:
     """Register `trim_after_compile` (glibc only) and mallopt(M_ARENA_MAX, cores) → the arena limit set, or None
     (MALLOC_ARENA_MAX given, or not glibc)."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "malloc_trim"):
+    if LIBC is None or not hasattr(LIBC, "malloc_trim"):
         return None
     import jax.monitoring  # importing jax does not start a backend: terdit_jax's XLA flags still apply
     jax.monitoring.register_event_duration_secs_listener(trim_after_compile)
     if "MALLOC_ARENA_MAX" in environ:
         return None
-    mallopt = libc.mallopt
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores if mallopt(M_ARENA_MAX, cores) == 1 else None
+    return cores if LIBC.mallopt(M_ARENA_MAX, cores) == 1 else None
