@@ -145,16 +145,14 @@ def weights_in_place(*trees) -> None:
     not (the shared random draw, the layout conversions), so wait for JAX's asynchronous host copies (their NumPy
     sources live until they finish), collect the garbage, hand the allocator's free pages back to the kernel
     (glibc keeps freed heap resident: `malloc_trim`), and only then reset the high-water mark. Both sides alike."""
-    import ctypes
     import gc
 
     import jax
+    from terdit_jax.host_memory import LIBC
     jax.block_until_ready(trees)
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
-        pass
+    if LIBC is not None:  # not glibc: nothing to hand back this way
+        LIBC.malloc_trim(0)
     reset_peak_rss()
 
 
